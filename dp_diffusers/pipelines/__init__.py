@@ -1,0 +1,3 @@
+from .pipeline_dp_ldm import DPLDMPipeline
+
+__all__ = ["DPLDMPipeline"]
