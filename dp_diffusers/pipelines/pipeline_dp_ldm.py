@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..errors import UserInputError
 from ..models.class_embedder import ClassEmbedder
 
 
@@ -38,6 +40,26 @@ class DPLDMPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, unet=unet, embedder=embedder, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, with one-line errors for a missing or corrupt folder."""
+        path = os.fspath(pretrained_model_name_or_path)
+        looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+        if looks_local and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UserInputError(
+                f"No pipeline at {path!r} (model_index.json missing): pass a folder written by save_pretrained, "
+                "train_dp_ldm.py or pretrain_public_ldm.py, or a Hub repo id."
+            )
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except UserInputError:
+            raise
+        except Exception as e:  # diffusers/safetensors raise many types; the user needs one line and the fix
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserInputError(
+                f"Could not load a DPLDMPipeline from {path!r}: {first} (re-save or re-download the model)."
+            ) from e
 
     @property
     def id2label(self) -> dict[int, str]:

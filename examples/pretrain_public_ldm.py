@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Pre-train a public class-conditional latent diffusion model (non-private), in two stages, under Accelerate.
+
+    accelerate launch examples/pretrain_public_ldm.py --dataset_name=printed_digits --output_dir=public-ldm
+
+Stage (a) trains the ``AutoencoderKL`` on images; stage (b) freezes it and trains the ``UNet2DConditionModel`` plus
+the ``ClassEmbedder`` on its latents (DDPM loss, labels dropped to the null class for classifier-free guidance).
+The result is a ``DPLDMPipeline`` folder with a model card that names the public data and a sample grid.
+
+Only ever feed PUBLIC data here: nothing in this script is private. Private data goes to ``train_dp_ldm.py``.
+Each stage is saved as soon as it ends, so ``--resume`` skips finished stages after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
+from dp_diffusers.atomic import atomic_directory
+from dp_diffusers.data import as_torch_dataset, load_image_dataset
+from dp_diffusers.grids import class_grid
+from dp_diffusers.model_card import public_model_card
+from dp_diffusers.models.configs import TINY, LDMConfig, build_class_conditional_ldm
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--dataset_name",
+        default="printed_digits",
+        help="PUBLIC data: a preset (printed_digits, mnist, ...), a Hub id, a local folder or parquet file.",
+    )
+    p.add_argument("--dataset_split", default="train")
+    p.add_argument("--image_column", default=None, help="Image column (default: the preset's or 'image').")
+    p.add_argument("--label_column", default=None, help="Label column (default: the preset's or 'label').")
+    p.add_argument("--num_printed_digits", type=int, default=20000, help="Images to render for printed_digits.")
+    p.add_argument("--resolution", type=int, default=28, help="Image side, a multiple of 4.")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 = grayscale, 3 = RGB.")
+    p.add_argument(
+        "--model_size",
+        default="default",
+        choices=["default", "tiny"],
+        help="'default' is the shipped layout; 'tiny' is for tests.",
+    )
+    p.add_argument("--output_dir", default="public-ldm", help="Where the DPLDMPipeline folder is written.")
+    p.add_argument("--train_batch_size", type=int, default=128)
+    p.add_argument("--vae_train_steps", type=int, default=2000, help="Stage (a) optimizer steps.")
+    p.add_argument("--vae_learning_rate", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the autoencoder's KL term.")
+    p.add_argument("--unet_train_steps", type=int, default=8000, help="Stage (b) optimizer steps.")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="Stage (b) learning rate.")
+    p.add_argument("--lr_scheduler", default="cosine")
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--cond_drop_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance.")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="EMA of stage (b) weights; 0 disables.")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_grid_per_class", type=int, default=8)
+    p.add_argument("--resume", action="store_true", help="Reuse finished stages found under OUTPUT_DIR/_stages.")
+    p.add_argument("--logging_steps", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.resolution % 4:
+        p.error(f"--resolution must be a multiple of 4, got {args.resolution}.")
+    return args
+
+
+def infinite(loader):
+    while True:
+        yield from loader
+
+
+def train_vae(args, accelerator, vae: AutoencoderKL, loader) -> AutoencoderKL:
+    """Stage (a): reconstruction (MSE) + a small KL term; no discriminator or perceptual net (none offline)."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+    lr = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.vae_train_steps
+    )
+    vae, optimizer, loader, lr = accelerator.prepare(vae, optimizer, loader, lr)
+    vae.train()
+    batches = infinite(loader)
+    bar = tqdm(range(args.vae_train_steps), desc="stage (a) autoencoder", disable=not accelerator.is_main_process)
+    for step in bar:
+        x = next(batches)["pixel_values"]
+        with accelerator.autocast():
+            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+            recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+            rec_loss = F.mse_loss(recon.float(), x.float())
+            kl = posterior.kl().mean()
+            loss = rec_loss + args.kl_weight * kl
+        accelerator.backward(loss)
+        optimizer.step()
+        lr.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.logging_steps == 0:
+            bar.set_postfix(mse=f"{rec_loss.item():.4f}", kl=f"{kl.item():.1f}")
+            accelerator.log({"vae/mse": rec_loss.item(), "vae/kl": kl.item()}, step=step)
+    return accelerator.unwrap_model(vae).eval()
+
+
+@torch.no_grad()
+def encode_dataset(accelerator, vae: AutoencoderKL, loader):
+    """Latent means and std of the whole dataset (frozen encoder); returns (mean, std, labels) on CPU."""
+    means, stds, labels = [], [], []
+    for batch in tqdm(loader, desc="encoding latents", disable=not accelerator.is_main_process):
+        dist = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+        labels.append(batch["labels"])
+    return torch.cat(means), torch.cat(stds), torch.cat(labels)
+
+
+def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std, labels, scaling_factor):
+    """Stage (b): epsilon-prediction DDPM loss on scaled latents, label dropout to the null class."""
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    params = list(unet.parameters()) + list(embedder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    lr = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.unet_train_steps
+    )
+    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
+    data = torch.utils.data.TensorDataset(latents_mean, latents_std, labels)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    unet, embedder, optimizer, loader, lr = accelerator.prepare(unet, embedder, optimizer, loader, lr)
+    unet.train()
+    embedder.train()
+    batches = infinite(loader)
+    null_id = accelerator.unwrap_model(embedder).null_class_id
+    bar = tqdm(range(args.unet_train_steps), desc="stage (b) diffusion", disable=not accelerator.is_main_process)
+    running = None
+    for step in bar:
+        mean, std, y = next(batches)
+        z = (mean + std * torch.randn_like(std)) * scaling_factor
+        drop = torch.rand(y.shape, device=y.device) < args.cond_drop_prob
+        y = torch.where(drop, torch.full_like(y, null_id), y)
+        noise = torch.randn_like(z)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z.shape[0],), device=z.device)
+        noisy = noise_scheduler.add_noise(z, noise, t)
+        with accelerator.autocast():
+            pred = unet(noisy, t, encoder_hidden_states=embedder(y)).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+        accelerator.backward(loss)
+        optimizer.step()
+        lr.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % args.logging_steps == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+            accelerator.log({"diffusion/loss": loss.item()}, step=step)
+    unet, embedder = accelerator.unwrap_model(unet), accelerator.unwrap_model(embedder)
+    if ema is not None:
+        ema.copy_to(params)
+    return unet.eval(), embedder.eval(), running
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main(args) -> None:
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    started = time.time()
+    output_dir = Path(args.output_dir)
+    stages = output_dir.parent / f".{output_dir.name}.stages"
+
+    loaded = load_image_dataset(
+        args.dataset_name,
+        split=args.dataset_split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        num_printed_digits=args.num_printed_digits,
+        seed=args.seed,
+    )
+    if loaded.label_column is None:
+        raise UserInputError("Pre-training a class-conditional model needs labels: pass --label_column.")
+    train_set = as_torch_dataset(loaded, resolution=args.resolution, channels=args.channels)
+    logger.info(f"Public data: {loaded.source}, {len(train_set)} images, classes {loaded.id2label}")
+
+    base = TINY if args.model_size == "tiny" else LDMConfig()
+    cfg = dataclasses.replace(
+        base, image_size=args.resolution, in_channels=args.channels, num_classes=len(loaded.id2label)
+    )
+    parts = build_class_conditional_ldm(cfg, id2label=loaded.id2label)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+
+    # Stage (a): the autoencoder.
+    timings = {}
+    if args.resume and (stages / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(stages / "vae")
+        logger.info(f"Resumed finished stage (a) from {stages / 'vae'}")
+    else:
+        t0 = time.time()
+        vae = train_vae(args, accelerator, parts["vae"], loader)
+        timings["vae_seconds"] = round(time.time() - t0, 1)
+        if accelerator.is_main_process:
+            with atomic_directory(stages / "vae") as tmp:
+                vae.save_pretrained(tmp)
+    vae.requires_grad_(False).to(accelerator.device)
+
+    # Latent scale: unit variance of the scaled latents, as Stable Diffusion's scaling_factor does.
+    eval_loader = torch.utils.data.DataLoader(train_set, batch_size=256, shuffle=False)
+    mean, std, labels = encode_dataset(accelerator, vae, eval_loader)
+    scaling_factor = float(1.0 / torch.sqrt(mean.var() + (std**2).mean()))
+    vae.register_to_config(scaling_factor=scaling_factor)
+
+    # Stage (b): the class-conditional diffusion model.
+    if args.resume and (stages / "unet" / "config.json").exists():
+        unet = UNet2DConditionModel.from_pretrained(stages / "unet")
+        embedder = ClassEmbedder.from_pretrained(stages / "embedder")
+        final_loss = None
+        logger.info(f"Resumed finished stage (b) from {stages}")
+    else:
+        t0 = time.time()
+        unet, embedder, final_loss = train_diffusion(
+            args, accelerator, parts["unet"], parts["embedder"], mean, std, labels, scaling_factor
+        )
+        timings["diffusion_seconds"] = round(time.time() - t0, 1)
+        if accelerator.is_main_process:
+            for name, model in (("unet", unet), ("embedder", embedder)):
+                with atomic_directory(stages / name) as tmp:
+                    model.save_pretrained(tmp)
+
+    if not accelerator.is_main_process:
+        return
+    pipe = DPLDMPipeline(
+        vae=vae,
+        unet=unet,
+        embedder=embedder,
+        scheduler=DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    attention = sum(count(m) for m in unet.modules() if type(m).__name__ == "Transformer2DModel")
+    parameters = {
+        "total": count(vae) + count(unet) + count(embedder),
+        "autoencoder": count(vae),
+        "unet": count(unet),
+        "unet attention blocks (Transformer2DModel)": attention,
+        "class embedder": count(embedder),
+    }
+    timings["total_seconds"] = round(time.time() - started, 1)
+    command = "accelerate launch examples/pretrain_public_ldm.py " + " ".join(sys.argv[1:])
+    with atomic_directory(output_dir) as tmp:
+        pipe.save_pretrained(tmp)
+        class_grid(pipe, per_class=args.num_grid_per_class, seed=args.seed).save(tmp / "samples.png")
+        training = (
+            f"Command: `{command}`\n\nStage (a) autoencoder: {args.vae_train_steps} steps; stage (b) diffusion: "
+            f"{args.unet_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate}, "
+            f"EMA {args.ema_decay}, label dropout {args.cond_drop_prob}. Wall-clock: {timings} "
+            f"on {accelerator.device} ({accelerator.num_processes} process(es))."
+        )
+        public_model_card(
+            model_name=output_dir.name,
+            public_data=loaded.source,
+            training=training,
+            parameters=parameters,
+            repo_or_path=str(output_dir),
+            grid="samples.png",
+            datasets=[loaded.preset.hub_id] if loaded.preset is not None and loaded.preset.hub_id else None,
+        ).save(tmp / "README.md")
+        (tmp / "pretraining.json").write_text(
+            json.dumps(
+                {
+                    "public_data": loaded.source,
+                    "num_images": len(train_set),
+                    "parameters": parameters,
+                    "timings": timings,
+                    "final_loss": final_loss,
+                    "command": command,
+                },
+                indent=2,
+            )
+        )
+    logger.info(f"Wrote {output_dir} ({parameters['total']:,} parameters) in {timings['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

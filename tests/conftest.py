@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MNIST_DIR = SHARED / "datasets" / "mnist"
+
+
+@pytest.fixture
+def tiny_parts():
+    from dp_diffusers.models.configs import TINY, build_class_conditional_ldm
+
+    torch.manual_seed(0)
+    return build_class_conditional_ldm(
+        TINY,
+        id2label={
+            i: name
+            for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+        },
+    )
+
+
+@pytest.fixture
+def tiny_pipe(tiny_parts):
+    from dp_diffusers import DPLDMPipeline
+
+    pipe = DPLDMPipeline(**tiny_parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def mnist_dir():
+    if not (MNIST_DIR / "train.parquet").exists():
+        pytest.skip("../shared/datasets/mnist is not available on this machine")
+    return MNIST_DIR
