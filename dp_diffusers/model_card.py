@@ -66,3 +66,127 @@ def public_model_card(
         repo_or_path=repo_or_path,
         grid=grid,
     )
+
+
+PRIVATE_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{% if private %}**Differentially private:** ({{ "%.3g"|format(epsilon) }}, {{ "%.3g"|format(delta) }})-DP with
+respect to {{ unit }} of the private training set, computed by Opacus' `{{ accountant }}` accountant from the
+noise multiplier, sample rate and number of steps that actually ran.
+{% else %}**NOT differentially private.** This is a non-private baseline (`--disable_dp`): it memorises and can
+leak its training images. Do not publish it where DP is expected.
+{% endif %}
+
+A class-conditional latent diffusion model fine-tuned with [dp-diffusers](https://github.com/dp-diffusers/dp-diffusers)
+(DP-LDM, arXiv 2305.15759): a public model was pre-trained on public data, then only its attention modules and
+conditioning embedder were fine-tuned on the private data{% if private %} with DP-SGD{% endif %}.
+
+## Privacy
+| | |
+|---|---|
+| private | {{ private }} |
+| epsilon (spent) | {{ epsilon_str }} |
+| target epsilon | {{ target_epsilon }} |
+| delta | {{ delta }} |
+| accountant | {{ accountant }} |
+| noise multiplier (sigma) | {{ noise_multiplier }} |
+| max grad norm (C, per-example flat clipping) | {{ max_grad_norm }} |
+| sampling | {% if private %}Poisson, {% endif %}sample rate q = {{ sample_rate }} (expected batch \
+{{ expected_batch_size }} of {{ dataset_size }}) |
+| steps / epochs | {{ steps }} / {{ epochs }} |
+| noise multiplicity | {{ noise_multiplicity }} |
+| processes | {{ world_size }} |
+| DP library | {{ dp_library }} |
+| unit of privacy | {{ unit }} |
+
+## What was trained on what
+- **Public base model:** `{{ base_model }}`, pre-trained on {{ base_data }}. It saw no private data; it is not covered
+  by (and needs no) privacy guarantee.
+- **Private data:** {{ private_data }}. Only these parameters were trained on it: {{ trained_modules }}
+  ({{ "{:,}".format(trainable_parameters) }} of {{ "{:,}".format(total_parameters) }} parameters,
+  {{ "%.1f"|format(100 * trainable_parameters / total_parameters) }}%). Every other weight is bit-identical to the
+  public base model.
+
+## What is and is not protected
+- Protected: whether any single training image was in the private set. The guarantee covers the released weights
+  and anything computed from them (samples, EMA: post-processing).
+- Not protected: properties shared by many images of the private set (that is what the model learns), and the
+  public data. Labels are treated as part of the example.
+- Hyper-parameters: {{ tuning }}
+- Bad randomness, a wrong dataset size or a code change after training would void the guarantee; the numbers above
+  are exactly those the run used (`privacy.json`).
+
+## Usage
+```python
+from dp_diffusers import DPLDMPipeline
+
+pipe = DPLDMPipeline.from_pretrained("{{ repo_or_path }}")
+images = pipe(class_labels=list(range(10)), num_inference_steps=50).images
+```
+
+{% if grid %}## Samples
+![samples]({{ grid }}){% endif %}
+"""
+
+
+def private_model_card(
+    *,
+    privacy: dict,
+    model_name: str,
+    base_data: str,
+    private_data: str,
+    repo_or_path: str,
+    tuning: str = "not tuned on the private data by this run (defaults or user-supplied values).",
+    grid: str | None = None,
+    datasets: list[str] | None = None,
+) -> ModelCard:
+    """The card of a privately fine-tuned model; its numbers are those of ``privacy`` (the run's privacy.json)."""
+    private = bool(privacy["private"])
+    tags = ["diffusers", "differential-privacy", "dp-ldm", "latent-diffusion"]
+    if not private:
+        tags.append("not-differentially-private")
+    metadata = {
+        key: privacy.get(key)
+        for key in (
+            "private",
+            "epsilon",
+            "delta",
+            "accountant",
+            "noise_multiplier",
+            "max_grad_norm",
+            "sample_rate",
+            "steps",
+            "noise_multiplicity",
+            "dataset_size",
+            "unit_of_privacy",
+        )
+    }
+    data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=tags,
+        base_model=privacy.get("base_model"),
+        datasets=datasets,
+        model_name=model_name,
+        differential_privacy=metadata,
+    )
+    lib = privacy.get("dp_library") or {}
+    values = dict(privacy)
+    values.update(
+        model_name=model_name,
+        epsilon_str="n/a (not private)" if privacy.get("epsilon") is None else f"{privacy['epsilon']:.4g}",
+        unit=privacy.get("unit_of_privacy", "one training image"),
+        dp_library=f"{lib.get('name', '')} {lib.get('version', '')}".strip() or "none",
+        trained_modules=", ".join(f"`{m}`" for m in privacy.get("trained_modules", [])),
+        base_data=base_data,
+        private_data=private_data,
+        repo_or_path=repo_or_path,
+        tuning=tuning,
+        grid=grid,
+        private=private,
+    )
+    return ModelCard.from_template(data, template_str=PRIVATE_TEMPLATE, **values)

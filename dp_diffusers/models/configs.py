@@ -22,7 +22,7 @@ class LDMConfig:
     image_size: int = field(default=28, metadata={"help": "Side of the square images, a multiple of 4."})
     in_channels: int = field(default=1, metadata={"help": "Image channels: 1 (grayscale) or 3 (RGB)."})
     latent_channels: int = field(default=4, metadata={"help": "Channels of the autoencoder's latent."})
-    vae_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "AutoencoderKL block widths."})
+    vae_channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "AutoencoderKL block widths."})
     unet_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet block widths."})
     layers_per_block: int = field(default=1, metadata={"help": "ResNet/attention layers per UNet block."})
     attention_heads: int = field(default=2, metadata={"help": "Heads of every attention layer."})

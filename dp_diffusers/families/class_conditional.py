@@ -1,0 +1,138 @@
+"""Our class-conditional LDM (``DPLDMPipeline``): latents of a frozen autoencoder, UNet + class embedder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserInputError
+from ..pipelines import DPLDMPipeline
+
+
+class ClassConditionalLoss(nn.Module):
+    """Per-row DDPM (epsilon-prediction) loss, shape ``[R]``.
+
+    Each row draws its own latent sample, timestep, noise and label dropout; nothing mixes rows (the UNet's
+    GroupNorms are per-sample), so each row's loss depends on its own example only. With noise multiplicity K, the
+    caller repeats each example K times and each copy draws independently.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        embedder: nn.Module,
+        *,
+        num_train_timesteps: int,
+        alphas_cumprod: torch.Tensor,
+        scaling_factor: float,
+        cond_drop_prob: float = 0.0,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.embedder = embedder
+        self.num_train_timesteps = num_train_timesteps
+        self.scaling_factor = scaling_factor
+        self.cond_drop_prob = cond_drop_prob
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = (latent_mean + latent_std * torch.randn_like(latent_std)) * self.scaling_factor
+        rows = z.shape[0]
+        if self.cond_drop_prob > 0:
+            drop = torch.rand(rows, device=labels.device) < self.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.embedder.config.num_classes), labels)
+        t = torch.randint(0, self.num_train_timesteps, (rows,), device=z.device)
+        noise = torch.randn_like(z)
+        a = self.alphas_cumprod.to(z.device)[t].view(rows, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without its dtype round trips
+        pred = self.unet(noisy, t, encoder_hidden_states=self.embedder(labels)).sample
+        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class EncodedDataset:
+    """Private images encoded once by the frozen autoencoder (deterministic per example: no privacy cost)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    labels: torch.Tensor
+
+    def tensor_dataset(self) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(self.latent_mean, self.latent_std, self.labels)
+
+
+class ClassConditionalLDM:
+    """The ``DPLDMPipeline`` family: denoiser ``unet``, conditioning ``embedder``, frozen ``vae``."""
+
+    name = "class-conditional-ldm"
+    pipeline_class = DPLDMPipeline
+
+    def __init__(self, pipe: DPLDMPipeline):
+        self.pipe = pipe
+        self.vae, self.unet, self.embedder = pipe.vae, pipe.unet, pipe.embedder
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> ClassConditionalLDM:
+        return cls(DPLDMPipeline.from_pretrained(path, **kwargs))
+
+    @property
+    def resolution(self) -> int:
+        return (
+            int(self.vae.config.sample_size)
+            if isinstance(self.vae.config.sample_size, int)
+            else int(self.vae.config.sample_size[0])
+        )
+
+    @property
+    def channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.embedder.id2label
+
+    def check_labels(self, labels: torch.Tensor, id2label: dict[int, str] | None = None) -> None:
+        n = self.embedder.config.num_classes
+        if labels.numel() and (labels.min() < 0 or labels.max() >= n):
+            raise UserInputError(
+                f"Labels span {int(labels.min())}..{int(labels.max())} but the model's embedder has {n} classes "
+                f"(0..{n - 1}): use a dataset with at most {n} classes or a base model with more."
+            )
+
+    def trainable_roots(self) -> dict[str, nn.Module]:
+        """Modules the trainable selector looks in: the denoiser, and the conditioning embedder."""
+        return {"unet": self.unet, "embedder": self.embedder}
+
+    @torch.no_grad()
+    def encode(
+        self, dataset: torch.utils.data.Dataset, *, batch_size: int = 256, device="cpu", progress: bool = True
+    ) -> EncodedDataset:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        self.vae.to(device)
+        means, stds, labels = [], [], []
+        for batch in tqdm(loader, desc="encoding private latents", disable=not progress):
+            dist = self.vae.encode(batch["pixel_values"].to(device, self.vae.dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+            labels.append(batch["labels"].long())
+        encoded = EncodedDataset(torch.cat(means), torch.cat(stds), torch.cat(labels))
+        self.check_labels(encoded.labels)
+        return encoded
+
+    def loss_module(self, *, cond_drop_prob: float = 0.0) -> ClassConditionalLoss:
+        return ClassConditionalLoss(
+            self.unet,
+            self.embedder,
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
+            scaling_factor=float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0),
+            cond_drop_prob=cond_drop_prob,
+        )
+
+    def pipeline(self) -> DPLDMPipeline:
+        return self.pipe
