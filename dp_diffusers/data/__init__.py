@@ -1,0 +1,27 @@
+"""Image data: the embedded private digits, the generated public printed digits, and loaders for any image set."""
+
+from .loading import (
+    PRESETS,
+    DatasetPreset,
+    ImageLabelDataset,
+    LoadedDataset,
+    as_torch_dataset,
+    image_transform,
+    load_image_dataset,
+)
+from .printed_digits import PRINTED_DIGITS_FONTS, make_printed_digits, render_digit
+from .sklearn_digits import load_sklearn_digits
+
+__all__ = [
+    "PRESETS",
+    "PRINTED_DIGITS_FONTS",
+    "DatasetPreset",
+    "ImageLabelDataset",
+    "LoadedDataset",
+    "as_torch_dataset",
+    "image_transform",
+    "load_image_dataset",
+    "load_sklearn_digits",
+    "make_printed_digits",
+    "render_digit",
+]
