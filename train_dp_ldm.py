@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""Differentially private fine-tuning of a latent diffusion model's attention modules (DP-LDM, arXiv 2305.15759).
+
+    accelerate launch train_dp_ldm.py --epsilon=10                      # embedded defaults, a few minutes on a CPU
+    accelerate launch train_dp_ldm.py --dataset_name=mnist --epsilon=10 --output_dir=dp-ldm-mnist
+
+A public latent diffusion model (default: the shipped printed-digits model) is fine-tuned on private images with
+DP-SGD (Opacus: Poisson sampling, per-example clipping, Gaussian noise, an accountant). Only the attention blocks and
+the conditioning embedder train; every other weight stays bit-identical. The output folder is a diffusers pipeline
+with ``privacy.json`` and a privacy model card, and can be pushed to the Hub.
+
+The script reads top to bottom: arguments, model family, private data, trainable parameters, privacy engine,
+resume, training loop, outputs. The privacy engine (``dp_diffusers.privacy``) knows nothing of diffusion; the model
+family (``dp_diffusers.families``) knows nothing of Opacus; this script wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+import dp_diffusers
+from dp_diffusers import DEFAULT_PUBLIC_MODEL, UserInputError
+from dp_diffusers.atomic import atomic_directory
+from dp_diffusers.checkpointing import (
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset
+from dp_diffusers.families import ClassConditionalLDM
+from dp_diffusers.grids import class_grid
+from dp_diffusers.model_card import private_model_card
+from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
+from dp_diffusers.trainable import TrainableConfig, select_trainable
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        default=DEFAULT_PUBLIC_MODEL,
+        help="Public base pipeline (folder or Hub id). Default: the shipped printed-digits model.",
+    )
+    g.add_argument(
+        "--dataset_name",
+        default="digits",
+        help=f"Private data: a preset ({', '.join(PRESETS)}), a Hub id, a local folder or parquet file.",
+    )
+    g.add_argument("--train_data_dir", default=None, help="Local folder of private images (alias of --dataset_name).")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--image_column", default=None, help="Image column (default: the preset's, or 'image').")
+    g.add_argument("--label_column", default=None, help="Label column (default: the preset's, or 'label').")
+    g.add_argument("--output_dir", default="dp-ldm-output", help="Where the private pipeline is written.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, sampling order and noise.")
+
+    g = p.add_argument_group("what trains (everything else is frozen)")
+    g.add_argument(
+        "--trainable_scope",
+        default="attention_blocks",
+        choices=["attention_blocks", "attention_projections"],
+        help="Whole attention blocks (the paper) or only their q/k/v/out projections.",
+    )
+    g.add_argument(
+        "--attention_layers",
+        default=None,
+        help="Attention blocks to train in the paper's 1..L forward numbering, e.g. '3-7'. Default: all.",
+    )
+    g.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=None,
+        help="peft-style: one regex (full match) or several module-name suffixes. Overrides the above.",
+    )
+    g.add_argument("--freeze_embedder", action="store_true", help="Do not train the class embedder.")
+
+    g = p.add_argument_group("privacy (DP-SGD through Opacus)")
+    g.add_argument("--epsilon", type=float, default=10.0, help="Privacy budget; never exceeded.")
+    g.add_argument("--delta", type=float, default=None, help="Default: largest power of 10 <= 1/(10 N), at most 1e-5.")
+    g.add_argument(
+        "--noise_multiplier",
+        type=float,
+        default=None,
+        help="Set sigma directly instead of calibrating it to --epsilon over the planned steps.",
+    )
+    g.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1e-3,
+        help="Per-example clipping norm C. Tiny values clip every gradient (normalised DP-SGD), as the "
+        "paper's configs do.",
+    )
+    g.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
+    g.add_argument(
+        "--grad_sample_mode",
+        default="hooks",
+        choices=["hooks", "functorch", "ghost"],
+        help="Opacus per-sample gradients: hooks, functorch, or ghost clipping.",
+    )
+    g.add_argument(
+        "--noise_multiplicity",
+        type=int,
+        default=1,
+        help="K noise draws per example, averaged before clipping (DPDM); privacy cost unchanged.",
+    )
+    g.add_argument("--disable_dp", action="store_true", help="NON-PRIVATE baseline: no clipping, no noise.")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=256, help="Logical (expected) batch size, in examples.")
+    g.add_argument(
+        "--max_physical_batch_size",
+        type=int,
+        default=None,
+        help="Most examples per forward/backward (memory); default: the logical batch.",
+    )
+    g.add_argument("--num_train_epochs", type=float, default=30, help="Planned epochs (sets the noise for --epsilon).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Planned logical steps; overrides epochs.")
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--lr_scheduler", default="constant", help="diffusers' get_scheduler name, over logical steps.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument(
+        "--ema_decay", type=float, default=0.999, help="EMA of trained weights (free: post-processing). 0: off."
+    )
+    g.add_argument(
+        "--cond_drop_prob",
+        type=float,
+        default=0.1,
+        help="Per-example label dropout to the null class (keeps classifier-free guidance working).",
+    )
+
+    g = p.add_argument_group("checkpoints, logging, outputs")
+    g.add_argument("--checkpointing_steps", type=int, default=100)
+    g.add_argument("--checkpoints_total_limit", type=int, default=2)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument(
+        "--validation_steps", type=int, default=0, help="Write a sample grid every N steps (0: at the end)."
+    )
+    g.add_argument("--num_validation_images", type=int, default=8, help="Grid images per class.")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the grids.")
+    g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker: tensorboard, wandb, all or none.")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument(
+        "--mixed_precision",
+        default="no",
+        choices=["no", "bf16"],
+        help="fp16 is refused: a GradScaler scales per-example gradients before clipping.",
+    )
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
+    g.add_argument("--allow_non_private_push", action="store_true", help="Allow pushing a --disable_dp model.")
+    args = p.parse_args(argv)
+    if args.train_data_dir:
+        args.dataset_name = args.train_data_dir
+    if args.num_inference_steps < 1:
+        p.error("--num_inference_steps must be >= 1")
+    if args.push_to_hub and args.disable_dp and not args.allow_non_private_push:
+        p.error("--push_to_hub refuses a NON-PRIVATE model (--disable_dp); add --allow_non_private_push to insist.")
+    return args
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    """The arguments as saved and logged: without the Hub token."""
+    return {k: v for k, v in vars(args).items() if k != "hub_token"}
+
+
+def main(args: argparse.Namespace) -> None:
+    # ---------------------------------------------------------------- accelerator, logging
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to = None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if args.disable_dp:
+        logger.warning(
+            "=" * 30 + " NOT DIFFERENTIALLY PRIVATE: --disable_dp trains a non-private baseline " + "=" * 30
+        )
+
+    # ---------------------------------------------------------------- public model family
+    family = ClassConditionalLDM.from_pretrained(args.pretrained_model_name_or_path)
+    family.vae.requires_grad_(False)
+    family.vae.to(accelerator.device)
+
+    # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
+    loaded = load_image_dataset(
+        args.dataset_name, split=args.dataset_split, image_column=args.image_column, label_column=args.label_column
+    )
+    if loaded.label_column is None:
+        raise UserInputError("This class-conditional model needs labels: pass --label_column.")
+    private_set = as_torch_dataset(loaded, resolution=family.resolution, channels=family.channels)
+    logger.info(
+        f"Private data: {loaded.source}, {len(private_set)} images, converted to {family.channels}x"
+        f"{family.resolution}x{family.resolution} (the base model's input)"
+    )
+    encoded = family.encode(private_set, device=accelerator.device, progress=accelerator.is_local_main_process)
+    if len(loaded.id2label) == family.embedder.config.num_classes:
+        family.embedder.register_to_config(id2label=loaded.id2label)  # the private data's class names
+
+    # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
+    trainable = TrainableConfig(
+        scope=args.trainable_scope,
+        attention_layers=args.attention_layers,
+        target_modules=_target_modules(args.target_modules),
+        train_embedder=not args.freeze_embedder,
+    )
+    report = select_trainable(family.unet, config=trainable, embedder=family.embedder)
+    logger.info(f"{report} ({len(report.modules)} modules)")
+    model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(accelerator.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- privacy engine (Opacus)
+    privacy = PrivacyConfig(
+        target_epsilon=None if args.disable_dp else args.epsilon,
+        delta=args.delta,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        accountant=args.accountant,
+        grad_sample_mode=args.grad_sample_mode,
+        noise_multiplicity=args.noise_multiplicity,
+        expected_batch_size=args.train_batch_size,
+        max_physical_batch_size=args.max_physical_batch_size,
+        epochs=args.num_train_epochs,
+        max_steps=args.max_train_steps,
+        disable_dp=args.disable_dp,
+    )
+    engine = DPEngine(config=privacy, dataset_size=len(encoded.labels))
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=engine.planned_steps or 10**9,
+    )
+    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
+
+    # ---------------------------------------------------------------- resume: weights, optimizer, EMA, RNG, accountant
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info(f"No checkpoint under {output_dir}: starting a new run.")
+    start_state = None
+    if checkpoint is not None:
+        trained, ema_tensors, start_state = load_checkpoint(checkpoint)
+        if sorted(trained) != sorted(names):
+            raise UserInputError(
+                f"{checkpoint} trained other parameters than this run selects: resume with the same "
+                "--trainable_scope, --attention_layers, --target_modules and --freeze_embedder."
+            )
+        engine.load_state_dict(start_state["engine"])  # refuses a different sigma, q, N or accountant
+        with torch.no_grad():
+            for n, p in zip(names, params, strict=True):
+                p.copy_(trained[n])
+        optimizer.load_state_dict(start_state["optimizer"])
+        lr_scheduler.load_state_dict(start_state["lr_scheduler"])
+        if ema is not None and ema_tensors is not None:
+            ema.shadow_params = [ema_tensors[n].to(p.device) for n, p in zip(names, params, strict=True)]
+            ema.optimization_step = int(start_state.get("ema_step", engine.steps))
+        set_rng_state(start_state["rng"][min(accelerator.process_index, len(start_state["rng"]) - 1)])
+        logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
+
+    loader = torch.utils.data.DataLoader(encoded.tensor_dataset(), batch_size=args.train_batch_size)
+    model_dp, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        seed=args.seed * 1_000_003 + engine.steps,  # fresh sampling randomness after a resume, never a replay
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dp-ldm", config=_scalars(public_args(args)))
+        (output_dir / "validation").mkdir(parents=True, exist_ok=True)
+        if engine.steps == 0:
+            _grid(family, args).save(output_dir / "validation" / "step_000000_public_base.png")
+    sigma = engine.noise_multiplier
+    logger.info(
+        f"{'NON-PRIVATE' if args.disable_dp else 'DP-SGD'}: N={engine.dataset_size}, q={engine.sample_rate:.5g},"
+        f" planned steps {engine.planned_steps}, sigma={sigma}, C={args.max_grad_norm}, K={args.noise_multiplicity}"
+        f", world size {accelerator.num_processes}"
+    )
+
+    # ---------------------------------------------------------------- training loop (logical steps)
+    started = time.time()
+    bar = tqdm(
+        total=engine.planned_steps,
+        initial=engine.steps,
+        desc="DP fine-tuning" if engine.private else "NON-PRIVATE fine-tuning",
+        disable=not accelerator.is_local_main_process,
+    )
+    running = None
+    while not engine.finished:
+        for batch in engine.physical_batches(loader):
+            rows = repeat_rows([t.to(accelerator.device) for t in batch], args.noise_multiplicity)
+            with accelerator.autocast():
+                loss = model_dp(*rows)
+            engine.backward(loss)
+            if not engine.step():
+                continue
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(params)
+            if loss.numel():
+                running = loss.mean().item() if running is None else 0.9 * running + 0.1 * loss.mean().item()
+            bar.update(1)
+            step = engine.steps
+            if step % 10 == 0 or engine.finished:
+                eps = engine.epsilon
+                bar.set_postfix(loss=f"{running:.4f}" if running else "-", eps="n/a" if eps is None else f"{eps:.3f}")
+                accelerator.log({"loss": running, "epsilon": eps, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                _checkpoint(output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler)
+                prune_checkpoints(output_dir, keep=args.checkpoints_total_limit)
+            if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
+                _grid(family, args).save(output_dir / "validation" / f"step_{step:06d}.png")
+        if engine.steps == 0 and engine.finished:
+            break
+    bar.close()
+    seconds = time.time() - started
+    if engine.private and engine.planned_steps and engine.steps < engine.planned_steps:
+        logger.warning(
+            f"Stopped after {engine.steps} of {engine.planned_steps} steps: one more would exceed "
+            f"epsilon={args.epsilon}."
+        )
+
+    # ---------------------------------------------------------------- outputs (main process, atomic)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return
+    if ema is not None:
+        ema.copy_to(params)  # the saved model uses the EMA weights
+    summary = engine.summary()
+    summary.update(
+        trainable_parameters=report.trainable,
+        total_parameters=report.total,
+        trained_modules=report.modules,
+        trainable_fraction=report.fraction,
+        base_model=str(args.pretrained_model_name_or_path),
+        private_data=loaded.source,
+        unit_of_privacy="one training image",
+        ema_decay=args.ema_decay,
+        trained_parameters_kind="full attention weights",
+        dp_ldm_version=dp_diffusers.__version__,
+        train_seconds=round(seconds, 1),
+    )
+    pipe = family.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with atomic_directory(output_dir / ".final") as tmp:
+        pipe.save_pretrained(tmp)
+        _grid(family, args).save(tmp / "samples.png")
+        (tmp / "privacy.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "training_args.json").write_text(json.dumps(public_args(args), indent=2, default=str))
+        private_model_card(
+            privacy=summary,
+            model_name=args.hub_model_id or output_dir.name,
+            base_data=_base_data(family),
+            private_data=loaded.source,
+            repo_or_path=args.hub_model_id or str(output_dir),
+            grid="samples.png",
+        ).save(tmp / "README.md")
+    _publish(output_dir / ".final", output_dir)
+    eps = summary["epsilon"]
+    logger.info(
+        f"Wrote {output_dir}: {engine.steps} steps in {seconds:.0f}s, "
+        + ("NOT private" if eps is None else f"epsilon={eps:.4f} at delta={summary['delta']:g}")
+    )
+    if args.push_to_hub:
+        _push(args, output_dir)
+    accelerator.end_training()
+
+
+def _target_modules(values: list[str] | None) -> str | list[str] | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 and any(c in values[0] for c in "*?[]()|\\^$") else values
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in d.items()}
+
+
+def _grid(family: ClassConditionalLDM, args):
+    pipe = family.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return class_grid(
+        pipe, per_class=args.num_validation_images, num_inference_steps=args.num_inference_steps, seed=args.seed
+    )
+
+
+def _base_data(family: ClassConditionalLDM) -> str:
+    """The public base model's pre-training data, as its own card or pretraining.json says."""
+    path = Path(str(family.pipe.name_or_path or ""))
+    info = path / "pretraining.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("public_data", "public data (see the base model's card)")
+    return "public data (see the base model's card)"
+
+
+def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) -> None:
+    state = {
+        "engine": engine.state_dict(),
+        "optimizer": _unwrapped_optimizer(optimizer).state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "step": engine.steps,
+        "ema_step": ema.optimization_step if ema is not None else 0,
+    }
+    ema_tensors = dict(zip(names, ema.shadow_params, strict=True)) if ema is not None else None
+    save_checkpoint(
+        directory,
+        trained=dict(zip(names, params, strict=True)),
+        state=state,
+        ema=ema_tensors,
+        rng_states=[rng_state()],
+    )
+
+
+def _unwrapped_optimizer(optimizer):
+    return getattr(optimizer, "original_optimizer", optimizer)
+
+
+def _publish(final: Path, output_dir: Path) -> None:
+    """Moves the finished files into ``output_dir`` (beside checkpoints and logs), each by an atomic rename, with
+    ``model_index.json`` (what makes a folder a loadable pipeline) removed first and put back last."""
+    (output_dir / "model_index.json").unlink(missing_ok=True)
+    for item in sorted(final.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    final.rmdir()
+
+
+def _push(args, output_dir: Path) -> None:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or output_dir.name
+    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        token=args.hub_token,
+        commit_message="DP-LDM: private fine-tune (see privacy.json)",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", ".*"],
+    )
+    logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
