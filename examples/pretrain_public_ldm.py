@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -162,14 +163,16 @@ def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if running is None:
+            first = running = loss.item()
+        running = 0.98 * running + 0.02 * loss.item()
         if step % args.logging_steps == 0:
             bar.set_postfix(loss=f"{running:.4f}")
             accelerator.log({"diffusion/loss": loss.item()}, step=step)
     unet, embedder = accelerator.unwrap_model(unet), accelerator.unwrap_model(embedder)
     if ema is not None:
         ema.copy_to(params)
-    return unet.eval(), embedder.eval(), running
+    return unet.eval(), embedder.eval(), {"first_loss": first, "final_loss_ema": running}
 
 
 def count(module) -> int:
@@ -228,11 +231,11 @@ def main(args) -> None:
     if args.resume and (stages / "unet" / "config.json").exists():
         unet = UNet2DConditionModel.from_pretrained(stages / "unet")
         embedder = ClassEmbedder.from_pretrained(stages / "embedder")
-        final_loss = None
+        losses = None
         logger.info(f"Resumed finished stage (b) from {stages}")
     else:
         t0 = time.time()
-        unet, embedder, final_loss = train_diffusion(
+        unet, embedder, losses = train_diffusion(
             args, accelerator, parts["unet"], parts["embedder"], mean, std, labels, scaling_factor
         )
         timings["diffusion_seconds"] = round(time.time() - t0, 1)
@@ -285,12 +288,13 @@ def main(args) -> None:
                     "num_images": len(train_set),
                     "parameters": parameters,
                     "timings": timings,
-                    "final_loss": final_loss,
+                    "diffusion_loss": losses,
                     "command": command,
                 },
                 indent=2,
             )
         )
+    shutil.rmtree(stages, ignore_errors=True)  # finished: the stage folders only served --resume
     logger.info(f"Wrote {output_dir} ({parameters['total']:,} parameters) in {timings['total_seconds']:.0f}s")
 
 

@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import dp_diffusers
+from dp_diffusers import DPLDMPipeline
+
+
+def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
+    out = tmp_path / "public"
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / "pretrain_public_ldm.py"),
+        "--model_size",
+        "tiny",
+        "--num_printed_digits",
+        "400",
+        "--vae_train_steps",
+        "30",
+        "--unet_train_steps",
+        "60",
+        "--train_batch_size",
+        "32",
+        "--lr_warmup_steps",
+        "5",
+        "--num_grid_per_class",
+        "1",
+        "--output_dir",
+        str(out),
+        "--logging_steps",
+        "1000",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    info = json.loads((out / "pretraining.json").read_text())
+    assert info["diffusion_loss"]["final_loss_ema"] < info["diffusion_loss"]["first_loss"]
+    assert "printed digits" in info["public_data"]
+    card = (out / "README.md").read_text()
+    assert "printed digits" in card and "public" in card.lower() and (out / "samples.png").is_file()
+    pipe = DPLDMPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor != 1.0  # the latent scale was measured
+    assert not any(p.name.startswith(".public") for p in tmp_path.iterdir())  # stage folders removed
+
+
+def _printed_digit_classifier():
+    from sklearn.linear_model import LogisticRegression
+
+    from dp_diffusers.data import make_printed_digits
+
+    ds = make_printed_digits(3000, seed=123)
+    x = np.stack([np.asarray(im, dtype=np.float32).ravel() / 255.0 for im in ds["image"]])
+    return LogisticRegression(max_iter=300).fit(x, np.asarray(ds["label"]))
+
+
+@pytest.mark.skipif(
+    not (REPO / "dp_diffusers" / "assets" / "public-printed-digits" / "model_index.json").exists(),
+    reason="shipped checkpoint not built yet",
+)
+def test_shipped_checkpoint_samples_recognisable_digits():
+    pipe = DPLDMPipeline.from_pretrained(dp_diffusers.DEFAULT_PUBLIC_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    params = sum(p.numel() for m in (pipe.vae, pipe.unet, pipe.embedder) for p in m.parameters())
+    assert params * 4 <= 10 * 2**20
+    labels = [c for c in range(10) for _ in range(6)]
+    images = pipe(
+        class_labels=labels, num_inference_steps=25, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    assert images.shape == (60, 28, 28, 1)
+    predicted = _printed_digit_classifier().predict(images.reshape(60, -1))
+    accuracy = float((predicted == np.asarray(labels)).mean())
+    assert accuracy >= 0.8, f"a printed-digit classifier recognises only {accuracy:.0%} of the samples"
