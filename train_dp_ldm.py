@@ -135,7 +135,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Most examples per forward/backward (memory); default: the logical batch.",
     )
-    g.add_argument("--num_train_epochs", type=float, default=30, help="Planned epochs (sets the noise for --epsilon).")
+    g.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=None,
+        help="Planned epochs (sets the noise for --epsilon). Default 30; with --noise_multiplier and "
+        "--epsilon and no plan, training runs until the budget is spent.",
+    )
     g.add_argument("--max_train_steps", type=int, default=None, help="Planned logical steps; overrides epochs.")
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--lr_scheduler", default="constant", help="diffusers' get_scheduler name, over logical steps.")
@@ -175,6 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.train_data_dir:
         args.dataset_name = args.train_data_dir
+    until_budget = args.noise_multiplier is not None and args.epsilon is not None and not args.disable_dp
+    if args.num_train_epochs is None and args.max_train_steps is None and not until_budget:
+        args.num_train_epochs = 30.0
     if args.num_inference_steps < 1:
         p.error("--num_inference_steps must be >= 1")
     if args.push_to_hub and args.disable_dp and not args.allow_non_private_push:
@@ -348,11 +357,9 @@ def main(args: argparse.Namespace) -> None:
             break
     bar.close()
     seconds = time.time() - started
-    if engine.private and engine.planned_steps and engine.steps < engine.planned_steps:
-        logger.warning(
-            f"Stopped after {engine.steps} of {engine.planned_steps} steps: one more would exceed "
-            f"epsilon={args.epsilon}."
-        )
+    if (engine.planned_steps is None or engine.steps < engine.planned_steps) and engine.budget_exhausted:
+        planned = f" of {engine.planned_steps}" if engine.planned_steps else ""
+        logger.warning(f"Stopped after {engine.steps}{planned} steps: one more would exceed epsilon={args.epsilon}.")
 
     # ---------------------------------------------------------------- outputs (main process, atomic)
     accelerator.wait_for_everyone()
@@ -397,7 +404,14 @@ def main(args: argparse.Namespace) -> None:
         + ("NOT private" if eps is None else f"epsilon={eps:.4f} at delta={summary['delta']:g}")
     )
     if args.push_to_hub:
-        _push(args, output_dir)
+        try:
+            _push(args, output_dir)
+        except Exception as e:  # the model is saved; the user needs the reason and the way to retry, not a trace
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserInputError(
+                f"Push to the Hub failed ({first}); the model is saved in {output_dir}: upload it "
+                f"with `hf upload {args.hub_model_id or output_dir.name} {output_dir}`."
+            ) from e
     accelerator.end_training()
 
 
