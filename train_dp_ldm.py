@@ -45,8 +45,7 @@ from dp_diffusers.checkpointing import (
     set_rng_state,
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset
-from dp_diffusers.families import ClassConditionalLDM
-from dp_diffusers.grids import class_grid
+from dp_diffusers.families import ModelFamily, load_family
 from dp_diffusers.model_card import private_model_card
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
 from dp_diffusers.trainable import TrainableConfig, select_trainable
@@ -220,24 +219,21 @@ def main(args: argparse.Namespace) -> None:
         )
 
     # ---------------------------------------------------------------- public model family
-    family = ClassConditionalLDM.from_pretrained(args.pretrained_model_name_or_path)
-    family.vae.requires_grad_(False)
-    family.vae.to(accelerator.device)
+    family = load_family(args.pretrained_model_name_or_path).to(accelerator.device)
 
     # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
     loaded = load_image_dataset(
         args.dataset_name, split=args.dataset_split, image_column=args.image_column, label_column=args.label_column
     )
-    if loaded.label_column is None:
-        raise UserInputError("This class-conditional model needs labels: pass --label_column.")
+    if family.needs_labels and loaded.label_column is None:
+        raise UserInputError(f"A {family.name} model needs labels: pass --label_column.")
     private_set = as_torch_dataset(loaded, resolution=family.resolution, channels=family.channels)
     logger.info(
         f"Private data: {loaded.source}, {len(private_set)} images, converted to {family.channels}x"
         f"{family.resolution}x{family.resolution} (the base model's input)"
     )
     encoded = family.encode(private_set, device=accelerator.device, progress=accelerator.is_local_main_process)
-    if len(loaded.id2label) == family.embedder.config.num_classes:
-        family.embedder.register_to_config(id2label=loaded.id2label)  # the private data's class names
+    family.adopt_labels(loaded.id2label)
 
     # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
     trainable = TrainableConfig(
@@ -246,7 +242,7 @@ def main(args: argparse.Namespace) -> None:
         target_modules=_target_modules(args.target_modules),
         train_embedder=not args.freeze_embedder,
     )
-    report = select_trainable(family.unet, config=trainable, embedder=family.embedder)
+    report = select_trainable(family.denoiser, config=trainable, embedder=family.embedder)
     logger.info(f"{report} ({len(report.modules)} modules)")
     model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,7 +263,7 @@ def main(args: argparse.Namespace) -> None:
         max_steps=args.max_train_steps,
         disable_dp=args.disable_dp,
     )
-    engine = DPEngine(config=privacy, dataset_size=len(encoded.labels))
+    engine = DPEngine(config=privacy, dataset_size=len(encoded))
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -301,7 +297,7 @@ def main(args: argparse.Namespace) -> None:
         set_rng_state(start_state["rng"][min(accelerator.process_index, len(start_state["rng"]) - 1)])
         logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
 
-    loader = torch.utils.data.DataLoader(encoded.tensor_dataset(), batch_size=args.train_batch_size)
+    loader = torch.utils.data.DataLoader(encoded, batch_size=args.train_batch_size)
     model_dp, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -392,7 +388,7 @@ def main(args: argparse.Namespace) -> None:
         private_model_card(
             privacy=summary,
             model_name=args.hub_model_id or output_dir.name,
-            base_data=_base_data(family),
+            base_data=family.base_data(),
             private_data=loaded.source,
             repo_or_path=args.hub_model_id or str(output_dir),
             grid="samples.png",
@@ -425,21 +421,10 @@ def _scalars(d: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in d.items()}
 
 
-def _grid(family: ClassConditionalLDM, args):
-    pipe = family.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return class_grid(
-        pipe, per_class=args.num_validation_images, num_inference_steps=args.num_inference_steps, seed=args.seed
+def _grid(family: ModelFamily, args):
+    return family.sample_grid(
+        per_class=args.num_validation_images, num_inference_steps=args.num_inference_steps, seed=args.seed
     )
-
-
-def _base_data(family: ClassConditionalLDM) -> str:
-    """The public base model's pre-training data, as its own card or pretraining.json says."""
-    path = Path(str(family.pipe.name_or_path or ""))
-    info = path / "pretraining.json"
-    if info.is_file():
-        return json.loads(info.read_text()).get("public_data", "public data (see the base model's card)")
-    return "public data (see the base model's card)"
 
 
 def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserInputError
+from ..grids import class_grid
 from ..pipelines import DPLDMPipeline
+from .base import ModelFamily
 
 
 class ClassConditionalLoss(nn.Module):
@@ -53,32 +53,26 @@ class ClassConditionalLoss(nn.Module):
         return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
 
 
-@dataclass
-class EncodedDataset:
-    """Private images encoded once by the frozen autoencoder (deterministic per example: no privacy cost)."""
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    labels: torch.Tensor
-
-    def tensor_dataset(self) -> torch.utils.data.TensorDataset:
-        return torch.utils.data.TensorDataset(self.latent_mean, self.latent_std, self.labels)
-
-
-class ClassConditionalLDM:
+class ClassConditionalLDM(ModelFamily):
     """The ``DPLDMPipeline`` family: denoiser ``unet``, conditioning ``embedder``, frozen ``vae``."""
 
     name = "class-conditional-ldm"
     pipeline_class = DPLDMPipeline
+    pipeline_class_names = ("DPLDMPipeline",)
 
     def __init__(self, pipe: DPLDMPipeline):
-        self.pipe = pipe
-        self.vae, self.unet, self.embedder = pipe.vae, pipe.unet, pipe.embedder
+        super().__init__(pipe)
+        self.vae, self.unet = pipe.vae, pipe.unet
+        self.vae.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> ClassConditionalLDM:
-        return cls(DPLDMPipeline.from_pretrained(path, **kwargs))
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def embedder(self) -> nn.Module:
+        return self.pipe.embedder
 
     @property
     def resolution(self) -> int:
@@ -104,14 +98,20 @@ class ClassConditionalLDM:
                 f"(0..{n - 1}): use a dataset with at most {n} classes or a base model with more."
             )
 
-    def trainable_roots(self) -> dict[str, nn.Module]:
-        """Modules the trainable selector looks in: the denoiser, and the conditioning embedder."""
-        return {"unet": self.unet, "embedder": self.embedder}
+    def adopt_labels(self, id2label: dict[int, str]) -> None:
+        n = self.embedder.config.num_classes
+        if len(id2label) > n:
+            raise UserInputError(
+                f"The private data has {len(id2label)} classes but the base model's embedder has {n}: use a base "
+                f"model with at least {len(id2label)} classes."
+            )
+        if len(id2label) == n:
+            self.embedder.register_to_config(id2label=id2label)  # the private data's class names
 
     @torch.no_grad()
     def encode(
         self, dataset: torch.utils.data.Dataset, *, batch_size: int = 256, device="cpu", progress: bool = True
-    ) -> EncodedDataset:
+    ) -> torch.utils.data.TensorDataset:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
         self.vae.to(device)
         means, stds, labels = [], [], []
@@ -120,9 +120,9 @@ class ClassConditionalLDM:
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
             labels.append(batch["labels"].long())
-        encoded = EncodedDataset(torch.cat(means), torch.cat(stds), torch.cat(labels))
-        self.check_labels(encoded.labels)
-        return encoded
+        labels = torch.cat(labels)
+        self.check_labels(labels)
+        return torch.utils.data.TensorDataset(torch.cat(means), torch.cat(stds), labels)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> ClassConditionalLoss:
         return ClassConditionalLoss(
@@ -134,5 +134,6 @@ class ClassConditionalLDM:
             cond_drop_prob=cond_drop_prob,
         )
 
-    def pipeline(self) -> DPLDMPipeline:
-        return self.pipe
+    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
+        self.pipe.set_progress_bar_config(disable=True)
+        return class_grid(self.pipe, per_class=per_class, num_inference_steps=num_inference_steps, seed=seed)
