@@ -20,9 +20,14 @@ def read_model_index(name_or_path: str) -> dict:
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "model_index.json")
         if not os.path.isfile(path):
-            raise UserInputError(f"{name_or_path!r} has no model_index.json: pass a diffusers pipeline folder.")
+            raise UserInputError(
+                f"No pipeline at {name_or_path!r} (model_index.json missing): pass a diffusers pipeline folder to "
+                "--pretrained_model_name_or_path."
+            )
     elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserInputError(f"No pipeline folder at {name_or_path!r}: check --pretrained_model_name_or_path.")
+        raise UserInputError(
+            f"No pipeline at {name_or_path!r} (model_index.json missing): check --pretrained_model_name_or_path."
+        )
     else:
         from huggingface_hub import hf_hub_download
 
