@@ -1,0 +1,50 @@
+"""Differentially private training (DP-SGD) for any ``nn.Module``, loss and dataset, built on Opacus.
+
+This package knows nothing about diffusion: the training script supplies a per-row loss.
+"""
+
+from .accounting import (
+    ACCOUNTANTS,
+    EpsilonBudget,
+    calibrate_noise,
+    compute_sample_rate,
+    epsilon_after,
+    make_accountant,
+    plan_steps,
+    steps_per_epoch,
+    would_exceed,
+)
+from .compatibility import check_trainable_modules, find_incompatible_modules
+from .config import FLAGS, GRAD_SAMPLE_MODES, PrivacyConfig, default_delta
+from .engine import DPEngine
+from .multiplicity import (
+    DistributedMultiplicityDPOptimizer,
+    MultiplicityDPOptimizer,
+    NoiseMultiplicityMixin,
+    reduce_rows,
+    repeat_rows,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "FLAGS",
+    "GRAD_SAMPLE_MODES",
+    "DPEngine",
+    "DistributedMultiplicityDPOptimizer",
+    "EpsilonBudget",
+    "MultiplicityDPOptimizer",
+    "NoiseMultiplicityMixin",
+    "PrivacyConfig",
+    "calibrate_noise",
+    "check_trainable_modules",
+    "compute_sample_rate",
+    "default_delta",
+    "epsilon_after",
+    "find_incompatible_modules",
+    "make_accountant",
+    "plan_steps",
+    "reduce_rows",
+    "repeat_rows",
+    "steps_per_epoch",
+    "would_exceed",
+]
