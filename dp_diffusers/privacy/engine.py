@@ -440,7 +440,10 @@ class DPEngine:
                 self.optimizer.set_num_examples(rows // k)
             # GradSampleModule rescales by the row count, so each row's grad_sample is the gradient of its own
             # loss; an empty Poisson batch has no mean, but its (empty) sum back-propagates the same nothing.
-            (per_row_loss.mean() if rows else per_row_loss.sum()).backward()
+            with warnings.catch_warnings():
+                # Opacus' hooks on a first layer whose input needs no grad make torch warn once per run; harmless.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                (per_row_loss.mean() if rows else per_row_loss.sum()).backward()
         self._backward_done = True
 
     def step(self) -> bool:

@@ -1,0 +1,324 @@
+"""Evaluation: downstream-accuracy protocol, Fréchet distances, the samples format, resumable sampling, the CLI."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dp_diffusers import UserInputError
+from dp_diffusers.evaluation import (
+    compute_stats,
+    downstream_accuracy,
+    fd_classifier,
+    frechet_distance,
+    generate_samples,
+    inception_fid,
+    load_labelled_images,
+    load_npz,
+    make_grid,
+    save_npz,
+    write_report,
+)
+from dp_diffusers.evaluation import downstream as downstream_module
+from dp_diffusers.evaluation import fid as fid_module
+from dp_diffusers.evaluation.samples import grid_path_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine it is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_images(n, *, seed=0, num_classes=10, size=28):
+    """Labelled uint8 images [N, H, W, 1]: a bright square whose position encodes the class, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % num_classes
+    x = rng.integers(0, 60, size=(n, size, size, 1)).astype(np.uint8)
+    for i, c in enumerate(y):
+        r, k = divmod(int(c), 4)
+        x[i, 2 + 8 * r : 8 + 8 * r, 2 + 6 * k : 8 + 6 * k] = 255
+    return x, y.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ downstream accuracy
+def test_cnn_protocol_reaches_high_accuracy_on_real_mnist_subset(mnist_dir, one_thread):
+    train_x, train_y = load_labelled_images(mnist_dir, split="train", max_items=3000)
+    test_x, test_y = load_labelled_images(mnist_dir, split="test", max_items=1000)
+    assert train_x.shape == (3000, 28, 28, 1) and train_x.dtype == np.uint8 and train_y.dtype == np.int64
+    result = downstream_accuracy(
+        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, seeds=(0,), epochs=8, progress=False
+    )
+    assert result["accuracy_mean"] > 90.0, result
+    assert (result["n_train"], result["n_val"], result["n_test"]) == (2750, 250, 1000)
+    assert result["classifier"] == "cnn" and result["seeds"] == [0] and result["epochs"] == 8
+
+
+def test_model_selection_never_touches_the_test_set(monkeypatch, one_thread):
+    train_x, train_y = toy_images(240, seed=0)
+    test_x, test_y = toy_images(50, seed=1)
+    seen = []
+    real_accuracy = downstream_module.accuracy
+
+    def spy(model, x, y, **kw):
+        seen.append(len(x))
+        return real_accuracy(model, x, y, **kw)
+
+    monkeypatch.setattr(downstream_module, "accuracy", spy)
+    result = downstream_accuracy(
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        seeds=(0, 1),
+        epochs=3,
+        val_fraction=0.25,
+        progress=False,
+    )
+    assert result["n_val"] == 60 and result["n_train"] == 180
+    # 3 validation passes (held-out synthetic) per seed, then exactly one test pass per seed with the chosen model.
+    assert seen == [60, 60, 60, 50, 60, 60, 60, 50]
+    assert len(result["accuracies"]) == 2 and result["accuracy_std"] >= 0.0
+    assert all(1 <= e <= 3 for e in result["best_epochs"])
+
+
+def test_downstream_rejects_mismatched_shapes():
+    x, y = toy_images(20)
+    with pytest.raises(UserInputError, match="must match"):
+        downstream_accuracy(train_x=x, train_y=y, test_x=x[:, :24, :24], test_y=y, seeds=(0,), epochs=1)
+
+
+# ------------------------------------------------------------------------------------------ Fréchet distances
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))
+    mu, sigma = compute_stats(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    distances = [
+        frechet_distance(*compute_stats(feats + s * rng.normal(size=feats.shape)), mu, sigma)
+        for s in (0.1, 0.5, 1.0, 2.0, 4.0)
+    ]
+    assert all(a < b for a, b in zip(distances, distances[1:], strict=False)), distances
+
+
+def test_eigen_fallback_matches_scipy(monkeypatch):
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(500, 8)), 1.5 * rng.normal(size=(500, 8)) + 0.3
+    stats = (*compute_stats(a), *compute_stats(b))
+    with_scipy = frechet_distance(*stats)
+    monkeypatch.setattr(fid_module, "_scipy_linalg", None)
+    assert frechet_distance(*stats) == pytest.approx(with_scipy, rel=1e-6)
+
+
+def test_fd_classifier_is_zero_on_the_reference_and_cached(tmp_path, one_thread):
+    x, y = toy_images(300)
+    cache = tmp_path / "cache"
+    same = fd_classifier(samples=x, real_x=x, real_y=y, cache_dir=cache, epochs=1, progress=False)
+    assert same == pytest.approx(0.0, abs=1e-6)
+    (folder,) = (cache / "fd_classifier").iterdir()
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "reference_stats.npz", "config.json"}
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    noisy = np.clip(x.astype(int) + np.random.default_rng(0).integers(-80, 80, x.shape), 0, 255).astype(np.uint8)
+    assert fd_classifier(samples=noisy, real_x=x, real_y=y, cache_dir=cache, epochs=1, progress=False) > 1e-3
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
+
+
+def test_inception_fid_without_weights_says_why():
+    x, _ = toy_images(4)
+    fid, reason = inception_fid(samples=x, reference=x, weights_path="/nonexistent/weights-inception.pth")
+    assert fid is None and reason.startswith("Inception-v3 weights unavailable offline")
+
+
+def test_inception_fid_flow_with_a_stand_in_extractor(tmp_path, monkeypatch):
+    seen = []
+
+    def extractor(batch):  # stands in for Inception-v3: uint8 [B, 3, H, W] -> features [B, D]
+        assert batch.dtype == torch.uint8 and batch.shape[1] == 3  # grayscale repeated to 3 channels
+        seen.append(len(batch))
+        return batch[:, 0, ::7, ::7].reshape(len(batch), -1).float()
+
+    monkeypatch.setattr(fid_module, "inception_extractor", lambda **kw: (extractor, "stand-in"))
+    x, _ = toy_images(64)
+    stats = tmp_path / "reference_stats.npz"
+    fid, reason = inception_fid(samples=x, reference=x, reference_stats=str(stats), batch_size=16, progress=False)
+    assert reason is None and fid == pytest.approx(0.0, abs=1e-6) and stats.is_file()
+    seen.clear()
+    noisy = np.clip(x.astype(int) + np.random.default_rng(0).integers(-80, 80, x.shape), 0, 255).astype(np.uint8)
+    fid, _ = inception_fid(samples=noisy, reference_stats=str(stats), batch_size=16, progress=False)
+    assert fid > 1.0 and sum(seen) == 64  # the cached reference statistics were reused
+
+
+# ------------------------------------------------------------------------------------------ samples format
+def test_npz_round_trip_and_bad_files(tmp_path):
+    x, y = toy_images(12)
+    path = save_npz(tmp_path / "s.npz", x=x, y=y)
+    x2, y2 = load_npz(path)
+    assert np.array_equal(x2, x) and np.array_equal(y2, y) and y2.dtype == np.int64
+
+    np.savez(tmp_path / "gray.npz", x=x[..., 0], y=y.astype(np.int32))  # [N, H, W] gains C = 1
+    assert load_npz(tmp_path / "gray.npz")[0].shape == (12, 28, 28, 1)
+
+    bad = {
+        "no_y.npz": {"x": x},
+        "lengths.npz": {"x": x, "y": y[:5]},
+        "dtype.npz": {"x": x.astype(np.float32) / 255, "y": y},
+        "nchw.npz": {"x": x.transpose(0, 3, 1, 2), "y": y},
+        "labels.npz": {"x": x, "y": y.astype(np.float64)},
+    }
+    for name, arrays in bad.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(UserInputError):
+            load_npz(tmp_path / name)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    for path in (tmp_path / "junk.npz", tmp_path / "missing.npz"):
+        with pytest.raises(UserInputError):
+            load_npz(path)
+
+
+def test_make_grid_layout():
+    x, _ = toy_images(5)
+    grid = make_grid(x, nrow=3, padding=2)
+    assert grid.size == (3 * 30 + 2, 2 * 30 + 2) and grid.mode == "L"
+    assert make_grid(np.repeat(x, 3, axis=-1), nrow=5).mode == "RGB"
+
+
+# ------------------------------------------------------------------------------------------ resumable sampling
+class Interrupting:
+    """Calls ``pipe`` but crashes on call number ``fail_at`` (0-based); counts calls."""
+
+    def __init__(self, pipe, fail_at=None):
+        self.pipe, self.fail_at, self.calls = pipe, fail_at, 0
+
+    def __getattr__(self, name):  # components, id2label, ... of the wrapped pipeline
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        return self.pipe(**kwargs)
+
+
+def test_generation_resumes_to_the_same_samples(tiny_pipe, tmp_path, one_thread):
+    kw = dict(num_samples=11, batch_size=3, num_inference_steps=2, seed=3, classes=[0, 1, 2, 3, 4], progress=False)
+    reference = generate_samples(Interrupting(tiny_pipe), output_path=str(tmp_path / "full.npz"), **kw)
+
+    out = str(tmp_path / "resumed.npz")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_samples(Interrupting(tiny_pipe, fail_at=2), output_path=out, **kw)
+    assert sorted(p.name for p in Path(out + ".parts").glob("part_*.npz")) == ["part_00000.npz", "part_00001.npz"]
+    with pytest.raises(UserInputError, match="other settings"):
+        generate_samples(tiny_pipe, output_path=out, **{**kw, "seed": 4})
+    other_model = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        other_model.unet.conv_out.bias.add_(0.1)
+    with pytest.raises(UserInputError, match="other settings"):
+        generate_samples(other_model, output_path=out, **kw)
+    rest = Interrupting(tiny_pipe)
+    generate_samples(rest, output_path=out, **kw)
+    assert rest.calls == 2  # chunks 2 and 3 only (the last one holds 2 samples)
+
+    x, y = load_npz(out)
+    x_ref, y_ref = load_npz(reference)
+    assert x.shape == (11, 28, 28, 1) and np.array_equal(x, x_ref) and np.array_equal(y, y_ref)
+    assert np.bincount(y).tolist() == [3, 2, 2, 2, 2]
+    assert Path(grid_path_for(out)).is_file() and not Path(out + ".parts").exists()
+    again = Interrupting(tiny_pipe)
+    generate_samples(again, output_path=out, **kw)  # already complete: nothing to do
+    assert again.calls == 0
+
+
+def test_generation_uses_pipeline_classes_by_default(tiny_pipe, tmp_path, one_thread):
+    out = generate_samples(tiny_pipe, num_samples=10, output_path=str(tmp_path / "s.npz"), num_inference_steps=1)
+    assert sorted(load_npz(out)[1].tolist()) == list(range(10))
+
+
+# ------------------------------------------------------------------------------------------ report and CLI
+def test_report_lists_metrics_and_privacy(tmp_path):
+    grid = tmp_path / "g.png"
+    make_grid(toy_images(4)[0], nrow=2).save(grid)
+    metrics = {
+        "accuracy_mean": 97.5,
+        "accuracy_std": 0.2,
+        "accuracies": [97.3, 97.7],
+        "seeds": [0, 1],
+        "classifier": "cnn",
+        "n_train": 55000,
+        "n_val": 5000,
+        "n_test": 10000,
+        "fid_inception": None,
+        "fid_inception_unavailable_reason": "Inception-v3 weights unavailable offline: no weights",
+        "fd_classifier": 1.25,
+    }
+    path = write_report(
+        output_dir=tmp_path / "out", metrics=metrics, privacy={"epsilon": 10.0, "delta": 1e-5}, grid_path=str(grid)
+    )
+    text = Path(path).read_text()
+    assert "97.50 ± 0.20 %" in text and "fd_classifier" in text and "unavailable offline" in text
+    assert "(10, 1e-05)-differentially private" in text and (tmp_path / "out" / "g.png").is_file()
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "evaluate.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_evaluate_cli_end_to_end(tmp_path):
+    x, y = toy_images(200, seed=0)
+    save_npz(tmp_path / "samples.npz", x=x, y=y)
+    save_npz(tmp_path / "test.npz", **dict(zip("xy", toy_images(50, seed=1), strict=True)))
+    save_npz(tmp_path / "train.npz", **dict(zip("xy", toy_images(100, seed=2), strict=True)))
+    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 2.3}))
+    out = tmp_path / "eval"
+    common = ["--samples", tmp_path / "samples.npz", "--real_test", tmp_path / "test.npz", "--num_threads", "1"]
+    proc = run_cli(
+        *common,
+        *("--real_train", tmp_path / "train.npz", "--output_dir", out, "--epochs", "1", "--seeds", "0", "1"),
+        *("--privacy_json", tmp_path / "privacy.json", "--cache_dir", tmp_path / "cache", "--fd_epochs", "1"),
+        "--no_progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy_mean", "accuracy_std", "n_train", "n_test", "classifier", "seeds", "fid_inception"):
+        assert key in metrics
+    assert metrics["n_test"] == 50 and metrics["seeds"] == [0, 1] and metrics["classifier"] == "cnn"
+    assert metrics["fid_inception"] is not None or metrics["fid_inception_unavailable_reason"]
+    assert metrics["fd_classifier"] >= 0.0 and metrics["epsilon"] == 1.0
+    assert (out / "report.md").is_file() and (out / "samples_grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--samples", "{tmp}/missing.npz", "--real_test", "{tmp}/t.npz"], "No such samples file"),
+        (["--real_test", "{tmp}/t.npz"], "--pipeline"),
+        (["--samples", "{tmp}/t.npz", "--real_test", "{tmp}/t.npz", "--max_train", "1"], "--max_train"),
+        (["--samples", "{tmp}/t.npz", "--real_test", "{tmp}/t.npz", "--privacy_json", "{tmp}/p.json"], "privacy"),
+    ],
+)
+def test_evaluate_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+    import runpy
+
+    save_npz(tmp_path / "t.npz", **dict(zip("xy", toy_images(10), strict=True)))
+    cli = runpy.run_path(str(REPO / "examples" / "evaluate.py"))["cli"]
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
