@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 import dp_diffusers
-from dp_diffusers import DEFAULT_PUBLIC_MODEL, UserInputError
+from dp_diffusers import UserInputError
 from dp_diffusers.atomic import atomic_directory
 from dp_diffusers.checkpointing import (
     load_checkpoint,
@@ -45,7 +45,16 @@ from dp_diffusers.checkpointing import (
     set_rng_state,
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset
-from dp_diffusers.families import ModelFamily, load_family
+from dp_diffusers.families import (
+    DEFAULT_PROMPT_TEMPLATE,
+    FamilyOptions,
+    ModelFamily,
+    check_base_model,
+    load_family,
+    parse_label_map,
+    resolve_base_model,
+)
+from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
 from dp_diffusers.trainable import TrainableConfig, select_trainable
@@ -60,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     g.add_argument(
         "--pretrained_model_name_or_path",
-        default=DEFAULT_PUBLIC_MODEL,
-        help="Public base pipeline (folder or Hub id). Default: the shipped printed-digits model.",
+        default=None,
+        help="Public base pipeline (folder or Hub id): DPLDMPipeline, StableDiffusionPipeline, DiTPipeline or "
+        "LDMPipeline. Default: the --dataset_name preset's recommended public base (one that never saw that data), "
+        "else the shipped printed-digits model (dp_diffusers.DEFAULT_PUBLIC_MODEL).",
     )
     g.add_argument(
         "--dataset_name",
@@ -94,6 +105,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="peft-style: one regex (full match) or several module-name suffixes. Overrides the above.",
     )
     g.add_argument("--freeze_embedder", action="store_true", help="Do not train the class embedder.")
+    g.add_argument(
+        "--use_lora",
+        action="store_true",
+        help="Train LoRA adapters on the selected blocks' to_q/to_k/to_v/to_out.0 (+ the embedder, fully) instead "
+        "of the full attention weights.",
+    )
+    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r (with --use_lora).")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha / r). Default: the rank.")
+
+    g = p.add_argument_group("model family options")
+    g.add_argument(
+        "--label_map",
+        default=None,
+        help="DiT: private label id -> the model's class id, e.g. '0:207,1:360' (each private class starts from "
+        "that class's embedding). Default: new rows at ids 0..n-1, initialised to the mean class embedding.",
+    )
+    g.add_argument("--caption_column", default=None, help="Stable Diffusion: each image's prompt from this column.")
+    g.add_argument(
+        "--prompt_template",
+        default=None,
+        help=f"Stable Diffusion: prompts from the label names (default: {DEFAULT_PROMPT_TEMPLATE!r}).",
+    )
+    g.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Stable Diffusion: also train the CLIP text encoder (as the embedder; its position embedding stays "
+        "frozen).",
+    )
 
     g = p.add_argument_group("privacy (DP-SGD through Opacus)")
     g.add_argument("--epsilon", type=float, default=10.0, help="Privacy budget; never exceeded.")
@@ -180,6 +219,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.train_data_dir:
         args.dataset_name = args.train_data_dir
+    args.pretrained_model_name_or_path, recommended = resolve_base_model(
+        args.pretrained_model_name_or_path, args.dataset_name
+    )
+    if recommended is not None and recommended.label_map and args.label_map is None:
+        args.label_map = recommended.label_map  # the preset's documented mapping onto the base's classes
     until_budget = args.noise_multiplier is not None and args.epsilon is not None and not args.disable_dp
     if args.num_train_epochs is None and args.max_train_steps is None and not until_budget:
         args.num_train_epochs = 30.0
@@ -219,7 +263,14 @@ def main(args: argparse.Namespace) -> None:
         )
 
     # ---------------------------------------------------------------- public model family
-    family = load_family(args.pretrained_model_name_or_path).to(accelerator.device)
+    check_base_model(args.pretrained_model_name_or_path, args.dataset_name)  # refuses a base that saw this data
+    options = FamilyOptions(
+        label_map=parse_label_map(args.label_map),
+        caption_column=args.caption_column,
+        prompt_template=args.prompt_template,
+        train_text_encoder=args.train_text_encoder,
+    )
+    family = load_family(args.pretrained_model_name_or_path, options=options).to(accelerator.device)
 
     # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
     loaded = load_image_dataset(
@@ -227,6 +278,7 @@ def main(args: argparse.Namespace) -> None:
     )
     if family.needs_labels and loaded.label_column is None:
         raise UserInputError(f"A {family.name} model needs labels: pass --label_column.")
+    family.prepare_data(loaded)
     private_set = as_torch_dataset(loaded, resolution=family.resolution, channels=family.channels)
     logger.info(
         f"Private data: {loaded.source}, {len(private_set)} images, converted to {family.channels}x"
@@ -242,7 +294,19 @@ def main(args: argparse.Namespace) -> None:
         target_modules=_target_modules(args.target_modules),
         train_embedder=not args.freeze_embedder,
     )
-    report = select_trainable(family.denoiser, config=trainable, embedder=family.embedder)
+    if args.use_lora:
+        report = add_lora(
+            family.denoiser,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            config=trainable,
+            embedder=family.embedder,
+            block_classes=family.attention_block_classes,
+        )
+    else:
+        report = select_trainable(
+            family.denoiser, config=trainable, embedder=family.embedder, block_classes=family.attention_block_classes
+        )
     logger.info(f"{report} ({len(report.modules)} modules)")
     model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -283,7 +347,8 @@ def main(args: argparse.Namespace) -> None:
         if sorted(trained) != sorted(names):
             raise UserInputError(
                 f"{checkpoint} trained other parameters than this run selects: resume with the same "
-                "--trainable_scope, --attention_layers, --target_modules and --freeze_embedder."
+                "--trainable_scope, --attention_layers, --target_modules, --freeze_embedder, --use_lora and "
+                "--lora_rank."
             )
         engine.load_state_dict(start_state["engine"])  # refuses a different sigma, q, N or accountant
         with torch.no_grad():
@@ -374,14 +439,24 @@ def main(args: argparse.Namespace) -> None:
         private_data=loaded.source,
         unit_of_privacy="one training image",
         ema_decay=args.ema_decay,
-        trained_parameters_kind="full attention weights",
+        trained_parameters_kind=(
+            f"LoRA adapters (rank {args.lora_rank}) on the attention projections"
+            if args.use_lora
+            else "full attention weights"
+        )
+        + (" + the embedder (full)" if "embedder" in report.modules else ""),
+        base_model_pretraining_data=family.base_data(),
+        **family.describe(),
         dp_ldm_version=dp_diffusers.__version__,
         train_seconds=round(seconds, 1),
     )
     pipe = family.pipeline()
     pipe.set_progress_bar_config(disable=True)
     with atomic_directory(output_dir / ".final") as tmp:
-        pipe.save_pretrained(tmp)
+        if args.use_lora:
+            summary["lora"] = save_pipeline_with_lora(pipe, tmp, family.denoiser)
+        else:
+            pipe.save_pretrained(tmp)
         _grid(family, args).save(tmp / "samples.png")
         (tmp / "privacy.json").write_text(json.dumps(summary, indent=2))
         (tmp / "training_args.json").write_text(json.dumps(public_args(args), indent=2, default=str))
@@ -392,6 +467,10 @@ def main(args: argparse.Namespace) -> None:
             private_data=loaded.source,
             repo_or_path=args.hub_model_id or str(output_dir),
             grid="samples.png",
+            description=family.description,
+            usage=family.usage(
+                args.hub_model_id or str(output_dir), lora=(summary.get("lora") or {}).get("format") == "diffusers"
+            ),
         ).save(tmp / "README.md")
     _publish(output_dir / ".final", output_dir)
     eps = summary["epsilon"]

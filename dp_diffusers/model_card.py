@@ -81,9 +81,10 @@ noise multiplier, sample rate and number of steps that actually ran.
 leak its training images. Do not publish it where DP is expected.
 {% endif %}
 
-A class-conditional latent diffusion model fine-tuned with [dp-diffusers](https://github.com/dp-diffusers/dp-diffusers)
-(DP-LDM, arXiv 2305.15759): a public model was pre-trained on public data, then only its attention modules and
-conditioning embedder were fine-tuned on the private data{% if private %} with DP-SGD{% endif %}.
+{{ description }} fine-tuned with [dp-diffusers](https://github.com/dp-diffusers/dp-diffusers)
+(DP-LDM, arXiv 2305.15759): a public model was pre-trained on public data, then only its attention modules{% if
+with_embedder %} and conditioning embedder{% endif %} were fine-tuned on the private data{% if private %} with
+DP-SGD{% endif %}.
 
 ## Privacy
 | | |
@@ -110,6 +111,7 @@ conditioning embedder were fine-tuned on the private data{% if private %} with D
   ({{ "{:,}".format(trainable_parameters) }} of {{ "{:,}".format(total_parameters) }} parameters,
   {{ "%.1f"|format(100 * trainable_parameters / total_parameters) }}%). Every other weight is bit-identical to the
   public base model.
+- **Trained parameters:** {{ trained_parameters_kind }}{% if lora %} ({{ lora.format }}: {{ lora.load }}){% endif %}.
 
 ## What is and is not protected
 - Protected: whether any single training image was in the private set. The guarantee covers the released weights
@@ -122,10 +124,7 @@ conditioning embedder were fine-tuned on the private data{% if private %} with D
 
 ## Usage
 ```python
-from dp_diffusers import DPLDMPipeline
-
-pipe = DPLDMPipeline.from_pretrained("{{ repo_or_path }}")
-images = pipe(class_labels=list(range(10)), num_inference_steps=50).images
+{{ usage }}
 ```
 
 {% if grid %}## Samples
@@ -143,8 +142,12 @@ def private_model_card(
     tuning: str = "not tuned on the private data by this run (defaults or user-supplied values).",
     grid: str | None = None,
     datasets: list[str] | None = None,
+    description: str = "A class-conditional latent diffusion model",
+    usage: str | None = None,
 ) -> ModelCard:
-    """The card of a privately fine-tuned model; its numbers are those of ``privacy`` (the run's privacy.json)."""
+    """The card of a privately fine-tuned model; its numbers are those of ``privacy`` (the run's privacy.json).
+
+    ``description`` says what the model is; ``usage`` is Python that loads it (default: ``DPLDMPipeline``)."""
     private = bool(privacy["private"])
     tags = ["diffusers", "differential-privacy", "dp-ldm", "latent-diffusion"]
     if not private:
@@ -188,5 +191,14 @@ def private_model_card(
         tuning=tuning,
         grid=grid,
         private=private,
+        description=description,
+        usage=usage
+        or (
+            f'from dp_diffusers import DPLDMPipeline\n\npipe = DPLDMPipeline.from_pretrained("{repo_or_path}")\n'
+            "images = pipe(class_labels=list(range(10)), num_inference_steps=50).images"
+        ),
+        trained_parameters_kind=privacy.get("trained_parameters_kind", "full attention weights"),
+        lora=privacy.get("lora"),
+        with_embedder="embedder" in privacy.get("trained_modules", []),
     )
     return ModelCard.from_template(data, template_str=PRIVATE_TEMPLATE, **values)

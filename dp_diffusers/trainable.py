@@ -78,9 +78,12 @@ def _forward_key(name: str) -> tuple:
     return (stage, [int(p) if p.isdigit() else -1 for p in parts], name)
 
 
-def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's attention blocks in forward order (the paper's numbering is this list's 1-based index)."""
-    for class_name in BLOCK_CLASS_NAMES:
+def attention_blocks(model: nn.Module, block_classes: tuple[str, ...] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's attention blocks in forward order (the paper's numbering is this list's 1-based index).
+
+    ``block_classes``: class names to search, most specific first (default ``BLOCK_CLASS_NAMES``); a model family
+    narrows it, e.g. DiT to its ``Attention`` modules (its ``BasicTransformerBlock`` is the whole transformer)."""
+    for class_name in block_classes or BLOCK_CLASS_NAMES:
         found = [(n, m) for n, m in model.named_modules() if type(m).__name__ == class_name]
         # Keep outermost blocks only (a Transformer2DModel contains Attention modules).
         found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
@@ -114,9 +117,15 @@ def _matches(name: str, target: str | list[str]) -> bool:
 
 
 def select_trainable(
-    model: nn.Module, *, config: TrainableConfig | None = None, embedder: nn.Module | None = None
+    model: nn.Module,
+    *,
+    config: TrainableConfig | None = None,
+    embedder: nn.Module | None = None,
+    block_classes: tuple[str, ...] | None = None,
 ) -> TrainableReport:
-    """Freezes ``model`` (and ``embedder``) except the selected parameters; returns counts and module names."""
+    """Freezes ``model`` (and ``embedder``) except the selected parameters; returns counts and module names.
+
+    ``block_classes``: the attention block classes to search (see :func:`attention_blocks`)."""
     config = config or TrainableConfig()
     model.requires_grad_(False)
     chosen: list[tuple[str, nn.Module]]
@@ -125,9 +134,10 @@ def select_trainable(
         if not chosen:
             raise UserInputError(f"--target_modules={config.target_modules!r} matches no module of the model.")
     else:
-        blocks = attention_blocks(model)
+        blocks = attention_blocks(model, block_classes)
         if not blocks:
-            raise UserInputError(f"{type(model).__name__} has no attention blocks ({', '.join(BLOCK_CLASS_NAMES)}).")
+            searched = ", ".join(block_classes or BLOCK_CLASS_NAMES)
+            raise UserInputError(f"{type(model).__name__} has no attention blocks ({searched}).")
         if config.attention_layers:
             keep = parse_layer_range(config.attention_layers, len(blocks))
             blocks = [blocks[i - 1] for i in keep]

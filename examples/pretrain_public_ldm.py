@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -128,9 +128,9 @@ def encode_dataset(accelerator, vae: AutoencoderKL, loader):
     return torch.cat(means), torch.cat(stds), torch.cat(labels)
 
 
-def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std, labels, scaling_factor):
+def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std, labels, scaling_factor, scheduler):
     """Stage (b): epsilon-prediction DDPM loss on scaled latents, label dropout to the null class."""
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     params = list(unet.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     lr = get_scheduler(
@@ -236,7 +236,7 @@ def main(args) -> None:
     else:
         t0 = time.time()
         unet, embedder, losses = train_diffusion(
-            args, accelerator, parts["unet"], parts["embedder"], mean, std, labels, scaling_factor
+            args, accelerator, parts["unet"], parts["embedder"], mean, std, labels, scaling_factor, parts["scheduler"]
         )
         timings["diffusion_seconds"] = round(time.time() - t0, 1)
         if accelerator.is_main_process:
@@ -250,7 +250,7 @@ def main(args) -> None:
         vae=vae,
         unet=unet,
         embedder=embedder,
-        scheduler=DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config),
+        scheduler=parts["scheduler"],
     )
     pipe.set_progress_bar_config(disable=True)
     attention = sum(count(m) for m in unet.modules() if type(m).__name__ == "Transformer2DModel")

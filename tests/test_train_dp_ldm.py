@@ -666,7 +666,10 @@ script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
 
 
-class Recording(script.ClassConditionalLDM):
+from dp_diffusers import families
+
+
+class Recording(families.ClassConditionalLDM):
     made = []
 
     @classmethod
@@ -676,7 +679,7 @@ class Recording(script.ClassConditionalLDM):
         return family
 
 
-script.ClassConditionalLDM = Recording
+families.FAMILIES[families.FAMILIES.index(families.ClassConditionalLDM)] = Recording
 script.main(script.parse_args(sys.argv[2:]))
 family = Recording.made[0]
 tensors = {f"unet.{k}": v for k, v in family.unet.state_dict().items()}

@@ -8,11 +8,22 @@ import json
 import os
 
 from ..errors import UserInputError
-from .base import ModelFamily
+from .base import DEFAULT_PROMPT_TEMPLATE, FamilyOptions, ModelFamily, parse_label_map
 from .class_conditional import ClassConditionalLDM, ClassConditionalLoss
+from .dit import DiTFamily, DiTLoss
+from .presets import (
+    KNOWN_BASES,
+    RECOMMENDED_BASES,
+    check_base_model,
+    known_base,
+    recommended_base,
+    resolve_base_model,
+)
+from .text_conditional import TextConditionalLDM, TextConditionalLoss
+from .unconditional import UnconditionalLDM, UnconditionalLoss
 
 #: Supported families, tried in order against the base model's ``model_index.json`` ``_class_name``.
-FAMILIES: list[type[ModelFamily]] = [ClassConditionalLDM]
+FAMILIES: list[type[ModelFamily]] = [ClassConditionalLDM, TextConditionalLDM, DiTFamily, UnconditionalLDM]
 
 
 def read_model_index(name_or_path: str) -> dict:
@@ -54,4 +65,26 @@ def load_family(name_or_path: str, **kwargs) -> ModelFamily:
     return family_for(name_or_path).from_pretrained(name_or_path, **kwargs)
 
 
-__all__ = ["FAMILIES", "ClassConditionalLDM", "ClassConditionalLoss", "ModelFamily", "family_for", "load_family"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "FAMILIES",
+    "KNOWN_BASES",
+    "RECOMMENDED_BASES",
+    "ClassConditionalLDM",
+    "ClassConditionalLoss",
+    "DiTFamily",
+    "DiTLoss",
+    "FamilyOptions",
+    "ModelFamily",
+    "TextConditionalLDM",
+    "TextConditionalLoss",
+    "UnconditionalLDM",
+    "UnconditionalLoss",
+    "check_base_model",
+    "family_for",
+    "known_base",
+    "load_family",
+    "parse_label_map",
+    "recommended_base",
+    "resolve_base_model",
+]

@@ -3,32 +3,89 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import nn
 
+from ..errors import UserInputError
+
+DEFAULT_PROMPT_TEMPLATE = "a photo of a {label}"
+
+
+@dataclass
+class FamilyOptions:
+    """Family-specific choices (command-line flags); a family refuses the ones it does not support."""
+
+    label_map: dict[int, int] | None = None  # DiT: private label id -> the model's class id
+    caption_column: str | None = None  # text-conditional: per-image prompts from this column
+    prompt_template: str | None = None  # text-conditional: prompts from the label names (default: a photo of a ..)
+    train_text_encoder: bool = False  # text-conditional: the text encoder trains as the embedder
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+
+
+def parse_label_map(spec: str | None) -> dict[int, int] | None:
+    """``"0:207,1:360"`` -> ``{0: 207, 1: 360}`` (private label id -> the base model's class id)."""
+    if spec is None or not str(spec).strip():
+        return None
+    mapping: dict[int, int] = {}
+    try:
+        for part in str(spec).replace(" ", "").split(","):
+            key, sep, value = part.partition(":")
+            if not sep or int(key) in mapping:
+                raise ValueError
+            mapping[int(key)] = int(value)
+    except ValueError:
+        raise UserInputError(
+            f"--label_map={spec!r} is not a list of private_id:model_class_id pairs, e.g. '0:207,1:360'."
+        ) from None
+    return mapping
+
 
 class ModelFamily:
     """A public diffusers pipeline seen as: frozen encoder + trainable denoiser/embedder + a per-example loss.
 
     Subclasses set ``name``, ``pipeline_class``, ``pipeline_class_names`` (model_index ``_class_name`` values they
-    load) and implement the methods below. ``denoiser`` is searched for attention blocks; ``embedder`` (or None) is the
-    conditioning embedder trained beside them.
+    load) and implement the methods below. ``denoiser`` is searched for attention blocks (of the classes
+    ``attention_block_classes``, None: ``trainable.BLOCK_CLASS_NAMES``); ``embedder`` (or None) is the conditioning
+    embedder trained beside them.
     """
 
     name: str = ""
     pipeline_class: type[DiffusionPipeline] = DiffusionPipeline
     pipeline_class_names: tuple[str, ...] = ()
     needs_labels: bool = True
+    #: Class names of the attention blocks to train, most specific first (None: the selector's default search).
+    attention_block_classes: tuple[str, ...] | None = None
+    #: ``FamilyOptions`` fields this family understands.
+    supported_options: frozenset[str] = frozenset()
+    #: What the privacy card says the model is.
+    description: str = "A class-conditional latent diffusion model"
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
+        self.options = FamilyOptions()
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> ModelFamily:
-        return cls(cls.pipeline_class.from_pretrained(path, **kwargs))
+    def from_pretrained(cls, path: str, *, options: FamilyOptions | None = None, **kwargs) -> ModelFamily:
+        family = cls(cls.pipeline_class.from_pretrained(path, **kwargs))
+        family.configure(options or FamilyOptions())
+        return family
+
+    def configure(self, options: FamilyOptions) -> None:
+        """Adopt family options; refuse those this family does not support (one-line error naming the flag)."""
+        unsupported = [name for name in options.given() if name not in self.supported_options]
+        if unsupported:
+            flags = ", ".join(f"--{name}" for name in unsupported)
+            raise UserInputError(
+                f"{flags} does not apply to a {self.name} base model ({'/'.join(self.pipeline_class_names)}); "
+                "remove it or use another base model."
+            )
+        self.options = options
 
     # -- shapes of the private data the family consumes
     @property
@@ -53,6 +110,10 @@ class ModelFamily:
         return self
 
     # -- data and loss
+    def prepare_data(self, loaded) -> None:
+        """See the loaded private data set (a ``dp_diffusers.data.LoadedDataset``) before :meth:`encode`, e.g. to
+        read a caption column; default: nothing to do."""
+
     def adopt_labels(self, id2label: dict[int, str]) -> None:
         """Use the private data's class names (and check its labels fit); default: nothing to do."""
 
@@ -73,10 +134,25 @@ class ModelFamily:
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int) -> Image.Image:
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """Family facts recorded in ``privacy.json`` (JSON-serialisable)."""
+        return {"family": self.name, "pipeline_class": type(self.pipe).__name__}
+
+    def usage(self, repo_or_path: str, *, lora: bool = False) -> str:
+        """Python that loads and samples the saved model (for the model card)."""
+        cls = type(self.pipe).__name__
+        load = f'pipe.load_lora_weights("{repo_or_path}")\n' if lora else ""
+        return (
+            f'from dp_diffusers import {cls}\n\npipe = {cls}.from_pretrained("{repo_or_path}")\n{load}'
+            "images = pipe(class_labels=list(range(10)), num_inference_steps=50).images"
+        )
+
     def base_data(self) -> str:
-        """The public base model's pre-training data, as its ``pretraining.json`` or card says."""
-        path = Path(str(getattr(self.pipe, "name_or_path", "") or ""))
-        info = path / "pretraining.json"
-        if info.is_file():
+        """The public base model's pre-training data: its ``pretraining.json``, the known-bases table, or its card."""
+        from .presets import base_pretraining_data
+
+        path = str(getattr(self.pipe, "name_or_path", "") or "")
+        info = Path(path) / "pretraining.json"
+        if path and info.is_file():
             return json.loads(info.read_text()).get("public_data", "public data (see the base model's card)")
-        return "public data (see the base model's card)"
+        return (base_pretraining_data(path) if path else None) or "public data (see the base model's card)"

@@ -93,6 +93,7 @@ def build_class_conditional_ldm(cfg: LDMConfig | None = None, id2label: dict[int
     embedder = ClassEmbedder(
         num_classes=cfg.num_classes, embed_dim=cfg.cond_dim, num_tokens=cfg.num_cond_tokens, id2label=id2label
     )
-    ddpm = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+    # clip_sample=False: latents are not images in [-1, 1]; clipping the predicted x0 there ruins latent samples.
+    ddpm = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear", clip_sample=False)
     scheduler = DDIMScheduler.from_config(ddpm.config)
     return {"vae": vae, "unet": unet, "embedder": embedder, "scheduler": scheduler}

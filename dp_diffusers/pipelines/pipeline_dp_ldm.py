@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel, VQModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
@@ -17,7 +18,7 @@ from ..errors import UserInputError
 from ..models.class_embedder import ClassEmbedder
 
 
-class DPLDMPipeline(DiffusionPipeline):
+class DPLDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Class-conditional latent diffusion: ``embedder`` tokens -> ``unet`` cross-attention -> ``vae`` decoder.
 
     Args:
@@ -28,6 +29,7 @@ class DPLDMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "embedder->unet->vae"
+    _lora_loadable_modules = ["unet"]  # LoRA on the UNet's attention (train_dp_ldm.py --use_lora); no text encoder
 
     def __init__(
         self,
@@ -60,6 +62,29 @@ class DPLDMPipeline(DiffusionPipeline):
             raise UserInputError(
                 f"Could not load a DPLDMPipeline from {path!r}: {first} (re-save or re-download the model)."
             ) from e
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """Load LoRA weights in diffusers' format (e.g. ``pytorch_lora_weights.safetensors`` written by
+        ``train_dp_ldm.py --use_lora``) into ``self.unet``; as ``StableDiffusionPipeline.load_lora_weights``, less
+        the text encoder this pipeline does not have."""
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        hotswap = kwargs.pop("hotswap", False)
+        kwargs["return_lora_metadata"] = True
+        state_dict, network_alphas, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'.")
+        self.load_lora_into_unet(
+            state_dict,
+            network_alphas=network_alphas,
+            unet=self.unet,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+        )
 
     @property
     def id2label(self) -> dict[int, str]:

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Private MNIST from public printed digits, end to end, resumable stage by stage.
+
+    python benchmarks/mnist/run.py --epsilon 10 --name eps10
+    python benchmarks/mnist/run.py --epsilon 1 --name eps1
+
+Stages (each skipped when its output exists, and each resumable inside):
+  1. finetune  train_dp_ldm.py on the 60,000 MNIST training images from the public printed-digits model
+               (checkpoints every --checkpointing_steps; rerun resumes from the latest)
+  2. evaluate  examples/evaluate.py: draws --num_samples samples (resumable chunks), trains the downstream CNN on
+               them only (3 seeds, model selection on held-out samples), scores the 10,000 real test images
+  3. record    appends the run to benchmarks/mnist/results.json (replacing a run of the same name)
+
+The public model is dp_diffusers.DEFAULT_PUBLIC_MODEL unless --public_model is given. Real MNIST is read from
+../shared/datasets/mnist (the Hub's ylecun/mnist layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (1 GPU)"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()}"
+
+
+def run(cmd: list[str], env: dict | None = None) -> float:
+    print("+", shlex.join(cmd), flush=True)
+    started = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return time.time() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True, help="Run name (folder under benchmarks/mnist/runs/ and results key).")
+    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--public_model", default=None, help="Default: dp_diffusers.DEFAULT_PUBLIC_MODEL.")
+    p.add_argument("--mnist", default=str(MNIST), help="Folder with train.parquet and test.parquet.")
+    p.add_argument("--train_batch_size", type=int, default=2048)
+    p.add_argument("--max_physical_batch_size", type=int, default=512)
+    p.add_argument("--num_train_epochs", type=float, default=10)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--max_grad_norm", type=float, default=1e-3)
+    p.add_argument("--noise_multiplicity", type=int, default=1)
+    p.add_argument("--attention_layers", default=None)
+    p.add_argument("--num_samples", type=int, default=60000)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--eval_epochs", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=None, help="OMP/torch threads (1 is best on a shared machine).")
+    p.add_argument("--stop_after", choices=["finetune", "evaluate", "record"], default="record")
+    p.add_argument("--results", default=str(HERE / "results.json"))
+    args = p.parse_args()
+    if not (Path(args.mnist) / "train.parquet").is_file():
+        sys.exit(f"error: MNIST parquet files not found in {args.mnist}: pass --mnist.")
+
+    out = HERE / "runs" / args.name
+    model_dir, eval_dir = out / "model", out / "eval"
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    python = sys.executable
+
+    finetune = [
+        python,
+        "train_dp_ldm.py",
+        "--dataset_name",
+        args.mnist,
+        "--output_dir",
+        str(model_dir),
+        "--epsilon",
+        str(args.epsilon),
+        "--delta",
+        str(args.delta),
+        "--train_batch_size",
+        str(args.train_batch_size),
+        "--max_physical_batch_size",
+        str(args.max_physical_batch_size),
+        "--num_train_epochs",
+        str(args.num_train_epochs),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--max_grad_norm",
+        str(args.max_grad_norm),
+        "--noise_multiplicity",
+        str(args.noise_multiplicity),
+        "--checkpointing_steps",
+        "20",
+        "--checkpoints_total_limit",
+        "1",
+        "--resume_from_checkpoint",
+        "latest",
+        "--num_validation_images",
+        "8",
+        "--report_to",
+        "none",
+    ]
+    if args.public_model:
+        finetune += ["--pretrained_model_name_or_path", args.public_model]
+    if args.attention_layers:
+        finetune += ["--attention_layers", args.attention_layers]
+    if not (model_dir / "privacy.json").is_file():
+        run(finetune, env)
+    if args.stop_after == "finetune":
+        return
+
+    evaluate = [
+        python,
+        "examples/evaluate.py",
+        "--pipeline",
+        str(model_dir),
+        "--num_samples",
+        str(args.num_samples),
+        "--num_inference_steps",
+        str(args.num_inference_steps),
+        "--eta",
+        str(args.eta),
+        "--real_test",
+        args.mnist,
+        "--output_dir",
+        str(eval_dir),
+        "--epochs",
+        str(args.eval_epochs),
+        "--seeds",
+        *map(str, args.seeds),
+        "--privacy_json",
+        str(model_dir / "privacy.json"),
+    ]
+    if args.threads:
+        evaluate += ["--num_threads", str(args.threads)]
+    if not (eval_dir / "metrics.json").is_file():
+        run(evaluate, env)
+    if args.stop_after == "evaluate":
+        return
+
+    privacy = json.loads((model_dir / "privacy.json").read_text())
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    record = {
+        "name": args.name,
+        "epsilon": privacy["epsilon"],
+        "target_epsilon": privacy["target_epsilon"],
+        "delta": privacy["delta"],
+        "accuracy_mean": metrics["accuracy_mean"],
+        "accuracy_std": metrics["accuracy_std"],
+        "classifier": metrics.get("classifier"),
+        "seeds": metrics.get("seeds"),
+        "fid_inception": metrics.get("fid_inception"),
+        "fd_classifier": metrics.get("fd_classifier"),
+        "dp_finetune_seconds": privacy.get("train_seconds"),
+        "evaluation_seconds": metrics.get("seconds"),
+        "hardware": hardware(),
+        "trained_modules": privacy["trained_modules"],
+        "trainable_parameters": privacy["trainable_parameters"],
+        "noise_multiplicity": privacy["noise_multiplicity"],
+        "noise_multiplier": privacy["noise_multiplier"],
+        "sample_rate": privacy["sample_rate"],
+        "steps": privacy["steps"],
+        "epochs": privacy["epochs"],
+        "num_samples": args.num_samples,
+        "num_inference_steps": args.num_inference_steps,
+        "base_model": privacy["base_model"],
+        "command": shlex.join(finetune[1:]) + "  &&  " + shlex.join(evaluate[1:]),
+    }
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    results = [r for r in results if r.get("name") != args.name] + [record]
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Pieces shared by the families: encoding private images with a frozen autoencoder, and the per-row noising of a
+DDPM (epsilon- or v-prediction) loss with optional explicit randomness (tests compare per-example gradients)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils import make_image_grid
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def sample_size(config) -> int:
+    size = config.sample_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+@torch.no_grad()
+def encode_images(
+    vae: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int = 256,
+    device="cpu",
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Latents of every image, once (deterministic per example, so no privacy cost), and the labels.
+
+    A KL autoencoder gives ``[mean, std]`` of its latent distribution (each training row draws its own sample); a
+    VQ autoencoder gives ``[latents]`` (its pre-quantisation output, which its decoder quantises).
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    vae.to(device)
+    parts: list[list[torch.Tensor]] = []
+    labels = []
+    for batch in tqdm(loader, desc="encoding private latents", disable=not progress):
+        encoded = vae.encode(batch["pixel_values"].to(device, vae.dtype))
+        if hasattr(encoded, "latent_dist"):
+            tensors = [encoded.latent_dist.mean, encoded.latent_dist.std]
+        else:
+            tensors = [encoded.latents]
+        parts.append([t.float().cpu() for t in tensors])
+        labels.append(batch["labels"].long())
+    latents = [torch.cat(column) for column in zip(*parts, strict=True)]
+    return latents, torch.cat(labels)
+
+
+class DiffusionLoss(nn.Module):
+    """Per-row DDPM loss helpers. Each row draws its own latent sample, timestep and noise unless they are given
+    (``latent_noise``, ``timesteps``, ``noise``: tests pass them to reproduce a row's loss alone)."""
+
+    def __init__(
+        self,
+        *,
+        num_train_timesteps: int,
+        alphas_cumprod: torch.Tensor,
+        scaling_factor: float,
+        prediction_type: str = "epsilon",
+    ):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction).")
+        self.num_train_timesteps = num_train_timesteps
+        self.scaling_factor = scaling_factor
+        self.prediction_type = prediction_type
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor | None, latent_noise: torch.Tensor | None = None):
+        if std is None:
+            return mean * self.scaling_factor
+        eps = torch.randn_like(std) if latent_noise is None else latent_noise
+        return (mean + std * eps) * self.scaling_factor
+
+    def noised(self, z: torch.Tensor, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """``(noisy latents, timesteps, target)``: DDPMScheduler.add_noise without its dtype round trips."""
+        rows = z.shape[0]
+        t = torch.randint(0, self.num_train_timesteps, (rows,), device=z.device) if timesteps is None else timesteps
+        noise = torch.randn_like(z) if noise is None else noise
+        a = self.alphas_cumprod.to(z.device)[t].view(rows, *([1] * (z.dim() - 1)))
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+        return noisy, t, target
+
+    @staticmethod
+    def dropped(rows: int, prob: float, device, drop: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Which rows lose their conditioning (classifier-free guidance training); None: none."""
+        if drop is not None:
+            return drop.to(device=device, dtype=torch.bool)
+        if prob <= 0:
+            return None
+        return torch.rand(rows, device=device) < prob
+
+    @staticmethod
+    def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def plain_grid(images, *, cols: int):
+    rows = max(1, len(images) // cols)
+    return make_image_grid(images[: rows * cols], rows=rows, cols=cols)
