@@ -255,7 +255,7 @@ def main(args: argparse.Namespace) -> None:
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)
     if args.disable_dp:
         logger.warning(

@@ -181,7 +181,7 @@ def count(module) -> int:
 
 def main(args) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)
     started = time.time()
     output_dir = Path(args.output_dir)
