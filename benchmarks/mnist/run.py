@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--public_model", default=None, help="Default: dp_diffusers.DEFAULT_PUBLIC_MODEL.")
     p.add_argument("--mnist", default=str(MNIST), help="Folder with train.parquet and test.parquet.")
     p.add_argument("--train_batch_size", type=int, default=2048)
-    p.add_argument("--max_physical_batch_size", type=int, default=512)
+    p.add_argument("--max_physical_batch_size", type=int, default=256)
     p.add_argument("--num_train_epochs", type=float, default=10)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--max_grad_norm", type=float, default=1e-3)

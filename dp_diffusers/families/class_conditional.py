@@ -5,52 +5,47 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UserInputError
 from ..grids import class_grid
 from ..pipelines import DPLDMPipeline
 from .base import ModelFamily
+from .common import DiffusionLoss, encode_images
 
 
-class ClassConditionalLoss(nn.Module):
+class ClassConditionalLoss(DiffusionLoss):
     """Per-row DDPM (epsilon-prediction) loss, shape ``[R]``.
 
-    Each row draws its own latent sample, timestep, noise and label dropout; nothing mixes rows (the UNet's
-    GroupNorms are per-sample), so each row's loss depends on its own example only. With noise multiplicity K, the
-    caller repeats each example K times and each copy draws independently.
+    Each row draws its own latent sample, timestep, noise and label dropout (or takes them as arguments: tests
+    reproduce one row's loss alone); nothing mixes rows (the UNet's GroupNorms are per-sample), so each row's loss
+    depends on its own example only. With noise multiplicity K, the caller repeats each example K times and each copy
+    draws independently.
     """
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        embedder: nn.Module,
-        *,
-        num_train_timesteps: int,
-        alphas_cumprod: torch.Tensor,
-        scaling_factor: float,
-        cond_drop_prob: float = 0.0,
-    ):
-        super().__init__()
+    def __init__(self, unet: nn.Module, embedder: nn.Module, *, cond_drop_prob: float = 0.0, **schedule):
+        super().__init__(**schedule)
         self.unet = unet
         self.embedder = embedder
-        self.num_train_timesteps = num_train_timesteps
-        self.scaling_factor = scaling_factor
         self.cond_drop_prob = cond_drop_prob
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
-    def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        z = (latent_mean + latent_std * torch.randn_like(latent_std)) * self.scaling_factor
-        rows = z.shape[0]
-        if self.cond_drop_prob > 0:
-            drop = torch.rand(rows, device=labels.device) < self.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.embedder.config.num_classes), labels)
-        t = torch.randint(0, self.num_train_timesteps, (rows,), device=z.device)
-        noise = torch.randn_like(z)
-        a = self.alphas_cumprod.to(z.device)[t].view(rows, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without its dtype round trips
+    def forward(
+        self,
+        latent_mean: torch.Tensor,
+        latent_std: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        latent_noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        z = self.latents(latent_mean, latent_std, latent_noise)
+        dropped = self.dropped(z.shape[0], self.cond_drop_prob, labels.device, drop)
+        if dropped is not None:
+            labels = torch.where(dropped, torch.full_like(labels, self.embedder.null_class_id), labels)
+        noisy, t, target = self.noised(z, timesteps, noise)
         pred = self.unet(noisy, t, encoder_hidden_states=self.embedder(labels)).sample
-        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+        return self.mse(pred, target)
 
 
 class ClassConditionalLDM(ModelFamily):
@@ -108,21 +103,12 @@ class ClassConditionalLDM(ModelFamily):
         if len(id2label) == n:
             self.embedder.register_to_config(id2label=id2label)  # the private data's class names
 
-    @torch.no_grad()
     def encode(
         self, dataset: torch.utils.data.Dataset, *, batch_size: int = 256, device="cpu", progress: bool = True
     ) -> torch.utils.data.TensorDataset:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        self.vae.to(device)
-        means, stds, labels = [], [], []
-        for batch in tqdm(loader, desc="encoding private latents", disable=not progress):
-            dist = self.vae.encode(batch["pixel_values"].to(device, self.vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-            labels.append(batch["labels"].long())
-        labels = torch.cat(labels)
+        (mean, std), labels = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
         self.check_labels(labels)
-        return torch.utils.data.TensorDataset(torch.cat(means), torch.cat(stds), labels)
+        return torch.utils.data.TensorDataset(mean, std, labels)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> ClassConditionalLoss:
         return ClassConditionalLoss(
