@@ -81,10 +81,11 @@ def main() -> None:
     p.add_argument("--stop_after", choices=["finetune", "evaluate", "record"], default="record")
     p.add_argument("--results", default=str(HERE / "results.json"))
     args = p.parse_args()
-    if not (Path(args.mnist) / "train.parquet").is_file():
+    args.mnist = os.path.relpath(args.mnist, REPO)
+    if not (REPO / args.mnist / "train.parquet").is_file():
         sys.exit(f"error: MNIST parquet files not found in {args.mnist}: pass --mnist.")
 
-    out = HERE / "runs" / args.name
+    out = (HERE / "runs" / args.name).relative_to(REPO)  # commands and results carry repo-relative paths
     model_dir, eval_dir = out / "model", out / "eval"
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     python = sys.executable
@@ -127,7 +128,7 @@ def main() -> None:
         finetune += ["--pretrained_model_name_or_path", args.public_model]
     if args.attention_layers:
         finetune += ["--attention_layers", args.attention_layers]
-    if not (model_dir / "privacy.json").is_file():
+    if not (REPO / model_dir / "privacy.json").is_file():
         run(finetune, env)
     if args.stop_after == "finetune":
         return
@@ -156,13 +157,13 @@ def main() -> None:
     ]
     if args.threads:
         evaluate += ["--num_threads", str(args.threads)]
-    if not (eval_dir / "metrics.json").is_file():
+    if not (REPO / eval_dir / "metrics.json").is_file():
         run(evaluate, env)
     if args.stop_after == "evaluate":
         return
 
-    privacy = json.loads((model_dir / "privacy.json").read_text())
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    privacy = json.loads((REPO / model_dir / "privacy.json").read_text())
+    metrics = json.loads((REPO / eval_dir / "metrics.json").read_text())
     record = {
         "name": args.name,
         "epsilon": privacy["epsilon"],
