@@ -43,8 +43,13 @@ def main(paths: list[str]) -> None:
     for path in paths:
         pipe = DPLDMPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(class_labels=labels, num_inference_steps=50, eta=1.0, generator=torch.Generator().manual_seed(0),
-                      output_type="np").images.reshape(len(labels), -1)
+        images = pipe(
+            class_labels=labels,
+            num_inference_steps=50,
+            eta=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images.reshape(len(labels), -1)
         out[path] = {
             "private_classifier_accuracy": float((svm.predict(images) == np.asarray(labels)).mean()),
             "fd_pixels_pca": float(frechet_distance(*compute_stats(pca.transform(images)), *ref)),

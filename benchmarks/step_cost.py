@@ -31,6 +31,20 @@ configurations see the same background load (only one runs at a time). The media
 and every step in --json), split into data (Poisson loader + copy), forward, backward (per-sample gradients or
 norms) and optimizer step (clipping, noise, AdamW). On CUDA every boundary is synchronised.
 
+``--family text|dit|unconditional|all`` measures the other model families instead (default ``ours``: the
+class-conditional LDM above, unchanged). For each family the TINY randomly initialised pipeline of
+``dp_diffusers/models/tiny.py`` (a few hundred thousand parameters, 32x32 RGB, 8x8 latents) is saved to a temporary
+folder and loaded back with ``dp_diffusers.families.load_family``, as ``train_dp_ldm.py`` loads a base model; the
+trainable parameters are chosen as there (``select_trainable(family.denoiser, embedder=family.embedder,
+block_classes=family.attention_block_classes)``) and the loss is the family's own ``loss_module``. The inputs are
+synthetic encoded examples of the right shapes (random latents; random labels for the class-conditional families,
+template prompts of random labels tokenised by the family's own tokenizer for the text-conditional one). Two
+configurations per family, on the same physical batch: ``nonprivate_attention`` and ``dp_attention_hooks``, each
+with its own baseline process for the memory figure. ``all`` also measures ``ours`` as a tiny RGB pipeline
+(``build_class_conditional_ldm(TINY_RGB)``) so that the four families share one table. These models are tiny and
+random (DiT-XL/2 or Stable Diffusion would need a GPU): the DP / non-private ratios and the trainable fractions are
+the point, not the absolute times.
+
 ``--profile CONFIG`` runs one configuration in-process instead and prints where its time goes: time per Opacus grad
 sampler (by layer type), clipping / noise / AdamW inside the optimizer step, and torch.profiler's top operators.
 """
@@ -69,6 +83,15 @@ DEFAULT_CONFIGS = [
     "dp_full_unet_hooks",
     "dp_attention_hooks_k4",
 ]
+FAMILY_CONFIGS = ["nonprivate_attention", "dp_attention_hooks"]
+#: --family name -> (tiny pipeline builder in dp_diffusers.models, what it is)
+FAMILIES = {
+    "ours": ("configs:build_class_conditional_ldm(TINY_RGB)", "DPLDMPipeline (class-conditional UNet)"),
+    "text": ("tiny:build_tiny_stable_diffusion", "StableDiffusionPipeline (text-conditional UNet + CLIP)"),
+    "dit": ("tiny:build_tiny_dit", "DiTPipeline (class-conditional transformer)"),
+    "unconditional": ("tiny:build_tiny_ldm", "LDMPipeline (unconditional UNet, VQ)"),
+}
+DIT_PRIVATE_CLASSES = 10
 BASELINE = "baseline"
 RESULT_MARK = "@@STEP_COST_RESULT@@ "
 MAX_STEPS = 10**9  # the engine's step plan: never reached
@@ -95,12 +118,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=list(CONFIGS),
         help="Configurations to measure (nonprivate_projections and dp_projections_hooks are optional extras).",
     )
+    p.add_argument(
+        "--family",
+        default="ours",
+        choices=[*FAMILIES, "all"],
+        help="ours: the class-conditional LDM (--model / --tiny / LDMConfig()), every --configs. text, dit, "
+        "unconditional: that family's tiny random pipeline (dp_diffusers/models/tiny.py), non-private vs DP "
+        "attention-only. all: the three plus a tiny RGB 'ours', one table.",
+    )
     p.add_argument("--json", action="store_true", help="Print every figure as one JSON object (no table).")
     p.add_argument("--profile", default=None, choices=list(CONFIGS), help="Profile one configuration in-process.")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_family", default=None, choices=list(FAMILIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--batch_size and --steps must be >= 1, --warmup >= 0")
+    if args.family != "ours" and (args.model or args.tiny or args.profile):
+        p.error("--model, --tiny and --profile apply to --family ours only")
     return args
 
 
@@ -109,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_family(args):
     import torch
+
+    if args._family:
+        return load_family_tiny(args)
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.families import ClassConditionalLDM
@@ -133,8 +170,72 @@ def synthetic_latents(family, n: int, seed: int):
     return torch.utils.data.TensorDataset(mean, std, labels)
 
 
-def select(family, scope: str):
+def build_tiny_pipeline(name: str, seed: int):
+    """The tiny random pipeline of family ``name`` (see ``FAMILIES``)."""
+    from dp_diffusers.models import tiny
+
+    if name == "ours":
+        import torch
+
+        from dp_diffusers import DPLDMPipeline
+        from dp_diffusers.models.configs import build_class_conditional_ldm
+
+        torch.manual_seed(seed)
+        return DPLDMPipeline(**build_class_conditional_ldm(tiny.TINY_RGB))
+    return getattr(tiny, FAMILIES[name][0].split(":")[1])(seed=seed)
+
+
+def load_family_tiny(args):
+    """``--family`` mode: the saved tiny pipeline (``--model``), loaded as train_dp_ldm.py loads a base model."""
+    import torch
+
+    from dp_diffusers.families import load_family as load
+
+    torch.manual_seed(args.seed)
+    family = load(args.model)
+    if args._family == "dit":  # train_dp_ldm.py: adopt the private data's labels (builds the compact label table)
+        family.adopt_labels({i: f"class {i}" for i in range(DIT_PRIVATE_CLASSES)})
+    return family
+
+
+def synthetic_inputs(args, family, n: int, seed: int):
+    """``n`` encoded examples of the family's ``encode`` layout: latents ([mean, std] for a KL autoencoder,
+    [latents] for a VQ one) and the conditioning (labels, token ids, or none)."""
+    if not args._family:
+        return synthetic_latents(family, n, seed)
+    import torch
+
+    from dp_diffusers.families.common import vae_scale_factor
+
+    vae = family.vae
+    size = family.resolution // vae_scale_factor(vae)
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, vae.config.latent_channels, size, size)
+    tensors = [torch.randn(*shape, generator=g)]
+    if "VQ" not in type(vae).__name__:
+        tensors.append(0.1 * torch.rand(*shape, generator=g))
+    if args._family == "ours":
+        tensors.append(torch.randint(0, family.embedder.config.num_classes, (n,), generator=g))
+    elif args._family == "dit":
+        tensors.append(torch.randint(0, DIT_PRIVATE_CLASSES, (n,), generator=g))
+    elif args._family == "text":
+        labels = torch.randint(0, 10, (n,), generator=g).tolist()
+        tensors.append(family.tokenize([family.template.format(label=f"class {y}") for y in labels]))
+    return torch.utils.data.TensorDataset(*tensors)
+
+
+def select(family, scope: str, args=None):
     from dp_diffusers.trainable import TrainableConfig, select_trainable
+
+    if args is not None and args._family:  # as train_dp_ldm.py selects for any family
+        if scope != "attention":
+            raise ValueError(f"--family {args._family}: only the attention-only configurations are measured")
+        return select_trainable(
+            family.denoiser,
+            config=TrainableConfig(),
+            embedder=family.embedder,
+            block_classes=family.attention_block_classes,
+        )
 
     if scope == "attention":
         config = TrainableConfig()  # the paper's (and train_dp_ldm.py's) default: attention blocks + embedder
@@ -172,8 +273,8 @@ def build_run(args, name: str):
     _, private, scope, mode, k = CONFIGS[name]
     device = torch.device(args.device)
     family = load_family(args)
-    dataset = synthetic_latents(family, args.batch_size, args.seed)
-    report = select(family, scope)
+    dataset = synthetic_inputs(args, family, args.batch_size, args.seed)
+    report = select(family, scope, args)
     model = family.loss_module(cond_drop_prob=0.1).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -269,7 +370,7 @@ def child(args) -> None:
     out = {"config": args._child, "torch_threads": torch.get_num_threads()}
     if args._child == BASELINE:
         family = load_family(args)
-        dataset = synthetic_latents(family, args.batch_size, args.seed)
+        dataset = synthetic_inputs(args, family, args.batch_size, args.seed)
         model = family.loss_module(cond_drop_prob=0.1).to(device).train()
         _ = dataset.tensors[0].to(device), model
         if device.type == "cuda":
@@ -358,6 +459,8 @@ class Child:
             argv += ["--model", args.model]
         if args.tiny:
             argv += ["--tiny"]
+        if args._family:
+            argv += ["--_family", args._family]
         env = dict(os.environ)
         if args.threads:
             argv += ["--threads", str(args.threads)]
@@ -513,6 +616,102 @@ def parent(args) -> dict:
         "ratios": ratios,
         "ratios_of_min": ratios_min,
     }
+
+
+def parent_families(args) -> dict:
+    """``--family``: for each family, its tiny pipeline saved and reloaded, baseline + non-private + DP attention-only
+    measured as in ``parent`` (the two configurations interleaved), one family after the other."""
+    import copy
+
+    names = [n for n in FAMILIES if n != "ours"] + ["ours"] if args.family == "all" else [args.family]
+    env = environment(args)
+    env["model"] = "tiny random pipelines of dp_diffusers/models/tiny.py (saved, reloaded with load_family)"
+    env["configs"] = FAMILY_CONFIGS
+
+    def log(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    families = {}
+    with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
+        for name in names:
+            path = os.path.join(tmp, name)
+            build_tiny_pipeline(name, args.seed).save_pretrained(path)
+            sub = copy.copy(args)
+            sub.model, sub._family, sub.configs = path, name, FAMILY_CONFIGS
+            log(f"family {name}: {FAMILIES[name][1]} ...")
+            baseline, results = measure(sub, log)
+            for r in results.values():
+                if args.device.startswith("cpu") and "error" not in r and "peak_rss_mib" in baseline:
+                    r["peak_memory_delta_mib"] = r["peak_rss_mib"] - baseline["peak_rss_mib"]
+                if "step_seconds_min" in r:
+                    r["seconds_per_example_min"] = r["step_seconds_min"] / r["batch_size"]
+            dp, nonpriv = "dp_attention_hooks", "nonprivate_attention"
+            families[name] = {
+                "pipeline": FAMILIES[name][1],
+                "builder": FAMILIES[name][0],
+                "baseline": baseline,
+                "results": results,
+                "ratios": {
+                    "time dp / nonprivate": ratio(results, dp, nonpriv),
+                    "time dp / nonprivate (fastest steps)": ratio(results, dp, nonpriv, key="seconds_per_example_min"),
+                    "memory dp / nonprivate": ratio(results, dp, nonpriv, key="peak_memory_delta_mib"),
+                },
+            }
+    env["load_average_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    env["torch_threads_in_children"] = next(
+        (r["torch_threads"] for f in families.values() for r in f["results"].values() if "torch_threads" in r), None
+    )
+    return {"environment": env, "families": families}
+
+
+def print_family_table(summary: dict) -> None:
+    env = summary["environment"]
+    print(
+        f"{env['date_utc']}  device={env['device']}  cpu={env['cpu']} (nproc {env['nproc']})  "
+        f"torch threads={env['torch_threads_in_children']}  torch {env['torch']}  opacus {env['opacus']}"
+    )
+    print(
+        f"TINY random pipelines (dp_diffusers/models/tiny.py): ratios, not absolute times, are the point.  batch "
+        f"{env['batch_size']} examples  {env['warmup']} warm-up + {env['steps']} timed steps  load avg "
+        f"{fmt(env['load_average_1m_at_start'], '.2f')} -> {fmt(env['load_average_1m_at_end'], '.2f')}"
+    )
+    mem = "mem MiB" if env["device"] == "cpu" else "alloc MiB"
+    header = (
+        f"{'family':<14}{'trainable':>20}{'np s/step':>11}{'dp s/step':>11}{'np ms/ex':>10}{'dp ms/ex':>10}"
+        f"{'dp/np':>7}{'(min)':>7}{'np ' + mem:>12}{'dp ' + mem:>12}{'mem dp/np':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, f in summary["families"].items():
+        np_, dp = (f["results"].get(c, {}) for c in FAMILY_CONFIGS)
+        errors = [f"{c}: {r['error']}" for c, r in f["results"].items() if "error" in r]
+        if errors:
+            print(f"{name:<14}  n/a: {'; '.join(errors)}")
+            continue
+        trainable = f"{dp['trainable_parameters']:,} ({100 * dp['trainable_fraction']:.1f}%)"
+        r = f["ratios"]
+        print(
+            f"{name:<14}{trainable:>20}{np_['step_seconds_median']:>11.3f}{dp['step_seconds_median']:>11.3f}"
+            f"{1e3 * np_['seconds_per_example']:>10.2f}{1e3 * dp['seconds_per_example']:>10.2f}"
+            f"{fmt(r['time dp / nonprivate'], '.2f'):>6}x{fmt(r['time dp / nonprivate (fastest steps)'], '.2f'):>6}x"
+            f"{fmt(np_.get('peak_memory_delta_mib'), '.0f'):>12}{fmt(dp.get('peak_memory_delta_mib'), '.0f'):>12}"
+            f"{fmt(r['memory dp / nonprivate'], '.2f'):>10}x"
+        )
+    print(
+        "(np = nonprivate_attention, dp = dp_attention_hooks: attention blocks + embedder, same batch; s/step = median"
+        " step; dp/np = ratio of median (min: of fastest) steps; mem = peak RSS minus that of the family's baseline"
+        " process: "
+        + ", ".join(f"{n} {fmt(f['baseline'].get('peak_rss_mib'), '.0f')}" for n, f in summary["families"].items())
+        + " MiB)"
+    )
+    for name, f in summary["families"].items():
+        dp = f["results"].get("dp_attention_hooks", {})
+        if "trained_modules" in dp:
+            print(
+                f"  {name}: {f['pipeline']}; {dp['trained_modules']} trained modules, "
+                f"{dp['trainable_tensors']} tensors, of {dp['total_parameters']:,} denoiser + embedder parameters"
+            )
 
 
 def time_ratios(results: dict, per_example: str, per_row: str) -> dict:
@@ -701,6 +900,13 @@ def main() -> None:
         return
     if args.profile:
         profile(args)
+        return
+    if args.family != "ours":
+        summary = parent_families(args)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print_family_table(summary)
         return
     summary = parent(args)
     if args.json:
