@@ -43,9 +43,10 @@ TINY = LDMConfig(
 )
 
 
-def build_vae(cfg: LDMConfig) -> AutoencoderKL:
+def autoencoder_kwargs(cfg: LDMConfig) -> dict:
+    """Config of a ``len(vae_channels) - 1`` times downsampling autoencoder (AutoencoderKL or VQModel)."""
     n = len(cfg.vae_channels)
-    return AutoencoderKL(
+    return dict(
         in_channels=cfg.in_channels,
         out_channels=cfg.in_channels,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -55,9 +56,12 @@ def build_vae(cfg: LDMConfig) -> AutoencoderKL:
         latent_channels=cfg.latent_channels,
         norm_num_groups=min(cfg.norm_num_groups, min(cfg.vae_channels)),
         sample_size=cfg.image_size,
-        # No attention in the autoencoder's mid block: it is public, frozen, and small images do not need it.
-        mid_block_add_attention=False,
     )
+
+
+def build_vae(cfg: LDMConfig) -> AutoencoderKL:
+    # No attention in the autoencoder's mid block: it is public, frozen, and small images do not need it.
+    return AutoencoderKL(**autoencoder_kwargs(cfg), mid_block_add_attention=False)
 
 
 def build_unet(cfg: LDMConfig, latent_size: int) -> UNet2DConditionModel:

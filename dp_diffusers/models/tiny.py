@@ -21,7 +21,7 @@ from diffusers import (
     VQModel,
 )
 
-from .configs import TINY, build_vae
+from .configs import TINY, autoencoder_kwargs, build_vae
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TINY_RGB = dataclasses.replace(TINY, in_channels=3, image_size=32)
@@ -107,19 +107,7 @@ def build_tiny_ldm(seed: int = 0) -> LDMPipeline:
     torch.manual_seed(seed)
     cfg = TINY_RGB
     n = len(cfg.vae_channels)
-    vqvae = VQModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.vae_channels),
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=min(cfg.norm_num_groups, min(cfg.vae_channels)),
-        num_vq_embeddings=64,
-        vq_embed_dim=cfg.latent_channels,
-        sample_size=cfg.image_size,
-    )
+    vqvae = VQModel(**autoencoder_kwargs(cfg), num_vq_embeddings=64, vq_embed_dim=cfg.latent_channels)
     unet = UNet2DModel(
         sample_size=cfg.image_size // 2 ** (n - 1),
         in_channels=cfg.latent_channels,
