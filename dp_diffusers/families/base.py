@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UserInputError
+from .common import sample_size, vae_scale_factor
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {label}"
 
@@ -90,11 +91,12 @@ class ModelFamily:
     # -- shapes of the private data the family consumes
     @property
     def resolution(self) -> int:
-        raise NotImplementedError
+        """Image side the model generates: the denoiser's latent size times the autoencoder's downsampling."""
+        return sample_size(self.denoiser.config) * vae_scale_factor(self.vae)
 
     @property
     def channels(self) -> int:
-        raise NotImplementedError
+        return int(self.vae.config.in_channels)
 
     # -- modules
     @property

@@ -70,18 +70,6 @@ class ClassConditionalLDM(ModelFamily):
         return self.pipe.embedder
 
     @property
-    def resolution(self) -> int:
-        return (
-            int(self.vae.config.sample_size)
-            if isinstance(self.vae.config.sample_size, int)
-            else int(self.vae.config.sample_size[0])
-        )
-
-    @property
-    def channels(self) -> int:
-        return int(self.vae.config.in_channels)
-
-    @property
     def id2label(self) -> dict[int, str]:
         return self.embedder.id2label
 

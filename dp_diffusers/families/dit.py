@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from .base import ModelFamily
-from .common import DiffusionLoss, encode_images, plain_grid, sample_size, vae_scale_factor
+from .common import DiffusionLoss, encode_images, plain_grid
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +147,6 @@ class DiTFamily(ModelFamily):
     @property
     def embedder(self) -> DiTLabelTable | None:
         return self._table
-
-    @property
-    def resolution(self) -> int:
-        return sample_size(self.transformer.config) * vae_scale_factor(self.vae)
-
-    @property
-    def channels(self) -> int:
-        return int(self.vae.config.in_channels)
 
     @property
     def num_model_classes(self) -> int:

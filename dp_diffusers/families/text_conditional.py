@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from .base import DEFAULT_PROMPT_TEMPLATE, ModelFamily
-from .common import DiffusionLoss, encode_images, plain_grid, sample_size, vae_scale_factor
+from .common import DiffusionLoss, encode_images, plain_grid
 
 
 class TextConditionalLoss(DiffusionLoss):
@@ -109,14 +109,6 @@ class TextConditionalLDM(ModelFamily):
                 raise UserInputError(f"--train_text_encoder supports CLIP text encoders; this one is a {kind}.")
             self._embedder = nn.ModuleList([parts[0].token_embedding, parts[1], parts[2]])
         return self._embedder
-
-    @property
-    def resolution(self) -> int:
-        return sample_size(self.unet.config) * vae_scale_factor(self.vae)
-
-    @property
-    def channels(self) -> int:
-        return int(self.vae.config.in_channels)
 
     # -- prompts
     def prepare_data(self, loaded) -> None:

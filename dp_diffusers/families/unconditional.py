@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, LDMPipeline
 from torch import nn
 
 from .base import ModelFamily
-from .common import DiffusionLoss, encode_images, plain_grid, sample_size, vae_scale_factor
+from .common import DiffusionLoss, encode_images, plain_grid
 
 
 class UnconditionalLoss(DiffusionLoss):
@@ -54,14 +54,6 @@ class UnconditionalLDM(ModelFamily):
     @property
     def denoiser(self) -> nn.Module:
         return self.unet
-
-    @property
-    def resolution(self) -> int:
-        return sample_size(self.unet.config) * vae_scale_factor(self.vae)
-
-    @property
-    def channels(self) -> int:
-        return int(self.vae.config.in_channels)
 
     def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
         latents, _ = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
