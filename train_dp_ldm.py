@@ -57,6 +57,7 @@ from dp_diffusers.families import (
 from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
+from dp_diffusers.runtime import retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
 logger = get_logger(__name__)
@@ -216,6 +217,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
     g.add_argument("--allow_non_private_push", action="store_true", help="Allow pushing a --disable_dp model.")
+    g.add_argument(
+        "--release_cpu_memory",
+        action="store_true",
+        help="On CPU, let glibc return freed memory to the OS (slower DP steps: see dp_diffusers/runtime.py).",
+    )
     args = p.parse_args(argv)
     if args.train_data_dir:
         args.dataset_name = args.train_data_dir
@@ -257,6 +263,8 @@ def main(args: argparse.Namespace) -> None:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)
+    if accelerator.device.type == "cpu" and not args.release_cpu_memory and retain_freed_memory():
+        logger.info("CPU: glibc keeps freed memory for reuse (per-sample gradients are re-allocated every batch).")
     if args.disable_dp:
         logger.warning(
             "=" * 30 + " NOT DIFFERENTIALLY PRIVATE: --disable_dp trains a non-private baseline " + "=" * 30

@@ -110,6 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="Untimed logical steps first.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice).")
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N).")
+    p.add_argument(
+        "--release_cpu_memory",
+        action="store_true",
+        help="As train_dp_ldm.py's flag: do not make glibc keep freed memory (dp_diffusers.runtime) on CPU.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--configs",
@@ -356,12 +361,20 @@ def send(message: dict) -> None:
     print(RESULT_MARK + json.dumps(message), flush=True)
 
 
+def tune_allocator(args) -> bool:
+    """What train_dp_ldm.py does on CPU unless --release_cpu_memory."""
+    from dp_diffusers.runtime import retain_freed_memory
+
+    return args.device == "cpu" and not args.release_cpu_memory and retain_freed_memory()
+
+
 def child(args) -> None:
     """Runs in a fresh process, driven by the parent over stdin/stdout: builds one configuration (or the baseline),
     warms up, answers ``ready``; then runs one timed logical step per ``step`` line and, on ``end``, sends its
     figures. The parent interleaves the configurations' steps so that they share the machine's load alike."""
     import torch
 
+    tune_allocator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -461,6 +474,8 @@ class Child:
             argv += ["--tiny"]
         if args._family:
             argv += ["--_family", args._family]
+        if args.release_cpu_memory:
+            argv += ["--release_cpu_memory"]
         env = dict(os.environ)
         if args.threads:
             argv += ["--threads", str(args.threads)]
@@ -568,6 +583,7 @@ def environment(args) -> dict:
         "warmup": args.warmup,
         "noise_multiplier": NOISE_MULTIPLIER,
         "max_grad_norm": MAX_GRAD_NORM,
+        "retain_freed_memory": args.device == "cpu" and not args.release_cpu_memory,
     }
     if args.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
@@ -742,6 +758,7 @@ def print_table(summary: dict) -> None:
     print(
         f"{env['date_utc']}  device={env['device']}  cpu={env['cpu']} (nproc {env['nproc']})  "
         f"torch threads={env['torch_threads_in_children']}  torch {env['torch']}  opacus {env['opacus']}"
+        + ("  malloc: retain freed memory" if env.get("retain_freed_memory") else "")
     )
     print(
         f"model: {env['model']}  batch {env['batch_size']} examples  {env['warmup']} warm-up + {env['steps']} timed "
@@ -845,6 +862,7 @@ def timed_opacus(totals: dict, timer: Timer):
 def profile(args) -> None:
     import torch
 
+    tune_allocator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.profile

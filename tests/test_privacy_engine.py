@@ -424,3 +424,51 @@ def test_loop_misuse_and_wrong_loader_are_reported():
     with pytest.raises(UserInputError, match="--train_batch_size"):
         engine.make_private(module=model, optimizer=torch.optim.SGD(model.head.parameters(), lr=0.1),
                             data_loader=DataLoader(dataset(), batch_size=2))  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_grad_sample_module_and_optimizer_match_stock_opacus(k):
+    """DPGradSampleModule + EngineDPOptimizer (no zero-fill copy, K folded into the samplers, scale_grad once) take
+    the same clipped, noised step as Opacus' GradSampleModule + DPOptimizer (+ the K-row mean before clipping)."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from dp_diffusers.privacy.grad_sample import DPGradSampleModule
+    from dp_diffusers.privacy.multiplicity import MultiplicityDPOptimizer
+    from dp_diffusers.privacy.optimizers import EngineDPOptimizer
+
+    torch.manual_seed(0)
+    ours_model = Toy()
+    stock_model = copy.deepcopy(ours_model)
+    batch = dataset(5, seed=3).tensors
+    x, y, t = rows_of(batch, k)
+    # C between the examples' gradient norms (about 4 to 10): some are clipped, some not, so a wrongly scaled
+    # per-sample gradient changes the step.
+    kw = dict(noise_multiplier=0.01, max_grad_norm=5.0, expected_batch_size=5, loss_reduction="mean")
+
+    ours = DPGradSampleModule(ours_model, noise_multiplicity=k, batch_first=True, loss_reduction="mean")
+    opt_cls = MultiplicityDPOptimizer if k > 1 else EngineDPOptimizer
+    extra = {"noise_multiplicity": k} if k > 1 else {}
+    params = [p for p in ours_model.parameters() if p.requires_grad]
+    ours_opt = opt_cls(torch.optim.SGD(params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw, **extra)
+    ours.set_num_examples(5)
+    if k > 1:
+        ours_opt.set_num_examples(5)
+    ((ours(x, y) - t) ** 2).mean(dim=1).mean().backward()
+    rows = {name: p.grad_sample.shape[0] for name, p in ours_model.named_parameters() if p.requires_grad}
+    if k > 1:  # folded in the sampler (Linear, LayerNorm, Embedding) vs reduced by the optimizer (Conv, GroupNorm)
+        assert rows["head.weight"] == rows["ln.weight"] == rows["embed.weight"] == 5
+        assert rows["conv.weight"] == rows["gn.weight"] == 5 * k
+    ours_opt.step()
+
+    stock = GradSampleModule(stock_model, batch_first=True, loss_reduction="mean")
+    stock_params = [p for p in stock_model.parameters() if p.requires_grad]
+    stock_opt = DPOptimizer(torch.optim.SGD(stock_params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw)
+    ((stock(x, y) - t) ** 2).mean(dim=1).mean().backward()
+    for p in stock_params:  # the K-row mean per example, by hand
+        p.grad_sample = reduce_rows(p.grad_sample, multiplicity=k)
+    stock_opt.step()
+
+    for (name, a), b in zip(ours_model.named_parameters(), stock_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(ours_model.parameters(), Toy().parameters(), strict=True))

@@ -75,6 +75,10 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=60000)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance at sampling (free).")
+    p.add_argument(
+        "--model_from", default=None, help="Evaluate the fine-tuned model of this earlier run (no new fine-tune)."
+    )
     p.add_argument("--eval_epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=None, help="OMP/torch threads (1 is best on a shared machine).")
@@ -87,6 +91,10 @@ def main() -> None:
 
     out = (HERE / "runs" / args.name).relative_to(REPO)  # commands and results carry repo-relative paths
     model_dir, eval_dir = out / "model", out / "eval"
+    if args.model_from:
+        model_dir = (HERE / "runs" / args.model_from / "model").relative_to(REPO)
+        if not (REPO / model_dir / "privacy.json").is_file():
+            sys.exit(f"error: --model_from {args.model_from}: no finished fine-tune in {model_dir}.")
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     python = sys.executable
 
@@ -144,6 +152,8 @@ def main() -> None:
         str(args.num_inference_steps),
         "--eta",
         str(args.eta),
+        "--guidance_scale",
+        str(args.guidance_scale),
         "--real_test",
         args.mnist,
         "--output_dir",
@@ -187,8 +197,11 @@ def main() -> None:
         "epochs": privacy["epochs"],
         "num_samples": args.num_samples,
         "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "attention_layers": args.attention_layers,
         "base_model": privacy["base_model"],
-        "command": shlex.join(finetune[1:]) + "  &&  " + shlex.join(evaluate[1:]),
+        "command": ("" if args.model_from else shlex.join(finetune[1:]) + "  &&  ") + shlex.join(evaluate[1:]),
+        "benchmark_command": shlex.join(["python", "benchmarks/mnist/run.py", *sys.argv[1:]]),
     }
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else []

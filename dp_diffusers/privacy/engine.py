@@ -5,9 +5,10 @@ the sample rate from ``1 / len(data_loader)`` and feeds it to both the sampler a
 intended ``B / N`` only when N is a multiple of B. The parts used: ``prepare_module`` (GradSampleModule: hooks,
 functorch or ghost), the ``DPOptimizer`` family (clipping, noise, distributed reduction), ``DPDataLoader`` (Poisson
 sampling), ``BatchSplittingSampler`` (BatchMemoryManager), an Opacus accountant and its optimizer hook, and
-``DifferentiallyPrivateDistributedDataParallel``. Hand-written: noise multiplicity (``multiplicity.py``), per-module
-compatibility errors (``compatibility.py``), deadlock-free sharding (``sampling.py``) and the budget guard
-(``accounting.py``).
+``DifferentiallyPrivateDistributedDataParallel``. Hand-written: noise multiplicity (``multiplicity.py``), two exact
+shortcuts in the hooks and the optimizer (``grad_sample.py``, ``optimizers.py``: Opacus 1.6 copies every per-sample
+gradient once more than needed and scales gradients in O(tensors^2)), per-module compatibility errors
+(``compatibility.py``), deadlock-free sharding (``sampling.py``) and the budget guard (``accounting.py``).
 
 Loop::
 
@@ -34,7 +35,6 @@ import torch
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample import AbstractGradSampleModule, prepare_module
 from opacus.optimizers import (
-    DistributedDPOptimizer,
     DistributedDPOptimizerFastGradientClipping,
     DPOptimizer,
     DPOptimizerFastGradientClipping,
@@ -55,7 +55,9 @@ from .accounting import (
 )
 from .compatibility import check_trainable_modules
 from .config import FLAGS, PrivacyConfig
+from .grad_sample import DPGradSampleModule
 from .multiplicity import DistributedMultiplicityDPOptimizer, MultiplicityDPOptimizer
+from .optimizers import EngineDistributedDPOptimizer, EngineDPOptimizer
 from .sampling import StepSignals, batch_length, poisson_loader, shuffled_loader, split_physical
 
 STATE_FORMAT = 1
@@ -284,10 +286,16 @@ class DPEngine:
             # the Distributed*DPOptimizer, so ranks may split their Poisson batches into different numbers of
             # physical batches without deadlocking (torch DDP would all-reduce after every backward).
             module = DPDDP(module)
-        extra = {"max_grad_norm": cfg.max_grad_norm} if cfg.grad_sample_mode == "ghost" else {}
-        gsm = prepare_module(
-            module, grad_sample_mode=cfg.grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
-        )
+        if cfg.grad_sample_mode == "hooks":
+            # Opacus' hooks minus a zero-fill copy, plus the noise-multiplicity fold (grad_sample.py).
+            gsm = DPGradSampleModule(
+                module, noise_multiplicity=cfg.noise_multiplicity, batch_first=True, loss_reduction="mean"
+            )
+        else:
+            extra = {"max_grad_norm": cfg.max_grad_norm} if cfg.grad_sample_mode == "ghost" else {}
+            gsm = prepare_module(
+                module, grad_sample_mode=cfg.grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+            )
         gsm.forbid_grad_accumulation()
         optimizer_class, kwargs = self._optimizer_class(distributed)
         dp_optimizer = optimizer_class(
@@ -315,7 +323,7 @@ class DPEngine:
         if k > 1:
             cls = DistributedMultiplicityDPOptimizer if distributed else MultiplicityDPOptimizer
             return cls, {"noise_multiplicity": k}
-        return (DistributedDPOptimizer if distributed else DPOptimizer), {}
+        return (EngineDistributedDPOptimizer if distributed else EngineDPOptimizer), {}
 
     def _make_plain(self, module, optimizer, data_loader, distributed, seed) -> None:
         b, w = self.config.expected_batch_size, self._world_size
@@ -438,6 +446,8 @@ class DPEngine:
         else:
             if k > 1:
                 self.optimizer.set_num_examples(rows // k)
+                if isinstance(self.module, DPGradSampleModule):
+                    self.module.set_num_examples(rows // k)
             # GradSampleModule rescales by the row count, so each row's grad_sample is the gradient of its own
             # loss; an empty Poisson batch has no mean, but its (empty) sum back-propagates the same nothing.
             with warnings.catch_warnings():

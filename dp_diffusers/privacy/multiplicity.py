@@ -16,7 +16,9 @@ row r of ``p.grad_sample`` is exactly the gradient of row r's loss ``l_r``. The 
 therefore the gradient of its mean-over-K loss, ``(1/K) sum_k l_ik``; Opacus then divides the clipped, noised sum by
 ``expected_batch_size``, which counts examples. A trained layer that runs on per-example inputs (B rows, e.g. a class
 embedding computed once and repeated K times afterwards) sees backprops scaled by B instead, which again yields the
-gradient of the example's mean-over-K loss: such a ``grad_sample`` already has one row per example and is kept.
+gradient of the example's mean-over-K loss: such a ``grad_sample`` already has one row per example and is kept. So
+is one that ``DPGradSampleModule`` (``grad_sample.py``) already reduced inside the grad sampler (``nn.Linear``,
+``nn.LayerNorm``, ``nn.Embedding``): the reduction here then only touches the other layers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+from .optimizers import EngineDistributedDPOptimizer, EngineDPOptimizer
 
 
 def reduce_rows(grad_sample: torch.Tensor, *, multiplicity: int, num_examples: int | None = None) -> torch.Tensor:
@@ -92,9 +95,9 @@ class NoiseMultiplicityMixin:
         super().clip_and_accumulate()
 
 
-class MultiplicityDPOptimizer(NoiseMultiplicityMixin, DPOptimizer):
+class MultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDPOptimizer):
     """Opacus ``DPOptimizer`` with noise multiplicity (see the module docstring)."""
 
 
-class DistributedMultiplicityDPOptimizer(NoiseMultiplicityMixin, DistributedDPOptimizer):
+class DistributedMultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDistributedDPOptimizer):
     """Opacus ``DistributedDPOptimizer`` (noise added on rank 0 only) with noise multiplicity."""

@@ -1,0 +1,117 @@
+"""Opacus' hooks-based per-sample gradients, with two exact shortcuts that Opacus 1.6 does not take.
+
+``DPGradSampleModule`` is Opacus' ``GradSampleModule`` (same hooks, same registered grad samplers, same
+``grad_sample`` contract for ``DPOptimizer``) with its backward hook rewritten for two cases; the code path
+is otherwise Opacus' own, line for line:
+
+1. **No zero-fill + copy.** Opacus' ``create_or_accumulate_grad_sample`` allocates a zero ``[max_batch_len, ...]``
+   buffer and copies each layer's per-sample gradients into it, even when they arrive in one piece of exactly
+   ``max_batch_len`` rows, which is every layer here (no RNNs, no packed sequences). That doubles the memory
+   traffic of the per-sample gradients (``B x trained parameters`` floats per physical batch), which is the DP
+   overhead on CPU. When the first gradient of a parameter in a backward pass is a fresh, contiguous tensor of
+   ``max_batch_len`` rows that owns its storage, it is kept as is; every other case (tied parameters, tensors that
+   share memory with the layer's inputs, short batches) takes Opacus' path.
+2. **Noise multiplicity folded into the grad sampler.** With K loss rows per example (rows ``i*K .. i*K+K-1`` are
+   example ``i``, see ``multiplicity.py``), a layer whose per-sample gradient is a sum over every position between
+   the batch and the feature dimension (``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding``) gets its activations and
+   backprops reshaped from ``[B*K, T, ...]`` to ``[B, K*T, ...]`` and its backprops divided by K: the sampler then
+   returns the per-example mean over the K rows directly, ``[B, ...]`` instead of ``[B*K, ...]`` (4x less
+   per-sample gradient memory and einsum output at K = 4, the same numbers up to float rounding). The
+   multiplicity reduction in ``MultiplicityDPOptimizer`` keeps tensors that already have B rows, and still reduces
+   the layers not folded (GroupNorm, Conv: their samplers need the channel at dim 1).
+
+Why by hand: Opacus exposes no hook for either (opacus 1.6.0); both are checked against stock Opacus and against
+per-example gradients computed by a loop in ``tests/test_privacy_engine.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
+from opacus.utils.module_utils import trainable_parameters
+from torch import nn
+
+#: Modules whose registered Opacus grad sampler sums over all positions between the batch and the last dimension,
+#: so that folding K rows per example into the position dimension yields the per-example sum over the K rows.
+FOLDABLE_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
+
+
+class DPGradSampleModule(GradSampleModule):
+    """``GradSampleModule`` (hooks mode) without the zero-fill copy and with noise multiplicity folded into the
+    samplers of :data:`FOLDABLE_MODULES` (see the module docstring). ``noise_multiplicity`` is K; before each
+    backward pass, :meth:`set_num_examples` says how many examples the physical batch holds."""
+
+    def __init__(self, m: nn.Module, *, noise_multiplicity: int = 1, **kwargs):
+        if noise_multiplicity < 1:
+            raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
+        super().__init__(m, **kwargs)
+        self.noise_multiplicity = noise_multiplicity
+        self._num_examples: int | None = None
+
+    def set_num_examples(self, num_examples: int | None) -> None:
+        """Examples (not rows) in the physical batch about to be back-propagated; enables the multiplicity fold."""
+        self._num_examples = num_examples
+
+    def _fold(self, module: nn.Module, activations, backprops: torch.Tensor):
+        """``[B*K, ...]`` -> ``[B, K*...]`` for a foldable module that saw B*K rows, backprops divided by K."""
+        k, b = self.noise_multiplicity, self._num_examples
+        if k == 1 or not b or not isinstance(module, FOLDABLE_MODULES) or backprops.shape[0] != b * k:
+            return activations, backprops
+        if isinstance(module, nn.Embedding):  # indices [B*K, ...], no feature dimension: [B, K*...]
+            fold = [a.reshape(b, -1) for a in activations]
+        else:  # features last: [B*K, ..., F] -> [B, K*..., F]
+            fold = [a.reshape(b, -1, a.shape[-1]) for a in activations]
+        return fold, backprops.reshape(b, -1, backprops.shape[-1]) / k
+
+    def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
+        # Opacus 1.6's GradSampleHooks.capture_backprops_hook, with _fold and _store in place of its accumulation.
+        if not self.hooks_enabled:
+            return
+        backprops = forward_output[0].detach()
+        activations, backprops = self.rearrange_grad_samples(
+            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
+        )
+        activations, backprops = self._fold(module, activations, backprops)
+        module_type = self._get_module_type(module)
+        if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
+            grad_sampler_fn = self.GRAD_SAMPLERS[module_type]
+        else:
+            grad_sampler_fn = ft_compute_per_sample_gradient
+        grad_samples = grad_sampler_fn(module, activations, backprops)
+        rows = backprops.shape[0]  # module.max_batch_len, or B after a fold
+        inputs = [t for t in (*activations, backprops) if isinstance(t, torch.Tensor)]
+        for param, gs in grad_samples.items():
+            _store(param, gs, rows, inputs)
+        for _, p in trainable_parameters(module):
+            p._forward_counter -= 1
+            if p._forward_counter == 0:
+                promote_current_grad_sample(p)
+            if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
+                raise ValueError(
+                    "Poisson sampling is not compatible with grad accumulation. You need to call optimizer.step() "
+                    "after every forward/backward pass or consider using BatchMemoryManager"
+                )
+        if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+
+
+def _store(param: nn.Parameter, grad_sample: torch.Tensor, rows: int, inputs: list[torch.Tensor]) -> None:
+    """Keep a per-sample gradient tensor that owns all of its storage (an einsum result is a view of a bmm result
+    of exactly its size) and shares none with the layer's activations or backprops; anything else goes through
+    Opacus' zero-fill path."""
+    if not param.requires_grad:
+        return
+    storage = grad_sample.untyped_storage()
+    owned = (
+        grad_sample.shape[0] == rows
+        and grad_sample.is_contiguous()
+        and grad_sample.storage_offset() == 0
+        and storage.nbytes() == grad_sample.numel() * grad_sample.element_size()
+        and all(storage.data_ptr() != t.untyped_storage().data_ptr() for t in inputs)
+    )
+    if owned and not hasattr(param, "_current_grad_sample"):
+        param._current_grad_sample = grad_sample
+    else:
+        create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=rows)
