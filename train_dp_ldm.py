@@ -254,7 +254,11 @@ def main(args: argparse.Namespace) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             report_to = None
+    # Accelerate counts a multi-process launch (torchrun, accelerate launch) without a GPU as distributed only with
+    # cpu=True; otherwise every process believes it is the main one and all of them write the outputs.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=multi_process_cpu,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(

@@ -712,6 +712,8 @@ def test_two_processes_give_the_same_privacy_and_identical_replicas(run_a, base_
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Accelerate sees both processes (one main process: one writer, one log of the run).
+    assert "world size 2" in proc.stderr and proc.stderr.count(f"Wrote {out}") == 1, proc.stderr[-4000:]
     two, one = privacy_of(out), privacy_of(run_a[0])
     assert two["world_size"] == 2 and one["world_size"] == 1
     for key in ("epsilon", "steps", "sample_rate", "noise_multiplier", "delta", "dataset_size", "expected_batch_size"):
