@@ -57,7 +57,7 @@ from dp_diffusers.families import (
 from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
-from dp_diffusers.runtime import retain_freed_memory
+from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
 logger = get_logger(__name__)
@@ -254,11 +254,8 @@ def main(args: argparse.Namespace) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             report_to = None
-    # Accelerate counts a multi-process launch (torchrun, accelerate launch) without a GPU as distributed only with
-    # cpu=True; otherwise every process believes it is the main one and all of them write the outputs.
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_process_cpu,
+        cpu=multi_process_cpu(),  # a multi-process launch without a GPU: one main process (dp_diffusers.runtime)
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(

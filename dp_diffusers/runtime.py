@@ -1,4 +1,4 @@
-"""Process-level tuning for training on CPU.
+"""Process-level settings for training on CPU: the allocator, and how Accelerate should see a multi-process run.
 
 Why by hand: DP-SGD allocates each trained layer's per-sample gradients afresh on every physical batch (Opacus:
 ``B x out x in`` floats per ``nn.Linear``; 33 MB for one 512x64 layer at B = 256). PyTorch's CPU allocator does not
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,3 +32,10 @@ def retain_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def multi_process_cpu() -> bool:
+    """True when this process is one of several (torchrun / ``accelerate launch`` set ``WORLD_SIZE``) and there is
+    no GPU: pass it as ``Accelerator(cpu=...)``. Accelerate (1.15) counts such a launch as distributed only with
+    ``cpu=True``; otherwise every process believes it is the main one, and all of them write the outputs."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

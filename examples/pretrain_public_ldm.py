@@ -38,6 +38,7 @@ from dp_diffusers.data import as_torch_dataset, load_image_dataset
 from dp_diffusers.grids import class_grid
 from dp_diffusers.model_card import public_model_card
 from dp_diffusers.models.configs import TINY, LDMConfig, build_class_conditional_ldm
+from dp_diffusers.runtime import multi_process_cpu
 
 logger = get_logger(__name__)
 
@@ -180,7 +181,7 @@ def count(module) -> int:
 
 
 def main(args) -> None:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(cpu=multi_process_cpu(), mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)
     started = time.time()
