@@ -59,6 +59,8 @@ class DPGradSampleModule(GradSampleModule):
         k, b = self.noise_multiplicity, self._num_examples
         if k == 1 or not b or not isinstance(module, FOLDABLE_MODULES) or backprops.shape[0] != b * k:
             return activations, backprops
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            return activations, backprops  # normalised over several trailing dimensions: keep them
         if isinstance(module, nn.Embedding):  # indices [B*K, ...], no feature dimension: [B, K*...]
             fold = [a.reshape(b, -1) for a in activations]
         else:  # features last: [B*K, ..., F] -> [B, K*..., F]
