@@ -336,6 +336,38 @@ def test_dit_per_example_gradients_match_a_loop():
     engine_vs_loop(model, data, randomness(n, shape))
 
 
+@pytest.mark.parametrize("kind", ["ours", "dit"])
+def test_dropped_rows_are_conditioned_on_the_null_class(kind):
+    """Label dropout (classifier-free guidance training) replaces exactly the dropped rows by the null class."""
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.families import ClassConditionalLDM, DiTFamily
+    from dp_diffusers.models.configs import TINY, build_class_conditional_ldm
+    from dp_diffusers.models.tiny import build_tiny_dit
+
+    if kind == "dit":
+        family = DiTFamily(build_tiny_dit())
+        family.adopt_labels({0: "a", 1: "b", 2: "c"})
+        shape = (2, 8, 8)
+    else:
+        torch.manual_seed(0)
+        family = ClassConditionalLDM(DPLDMPipeline(**build_class_conditional_ldm(TINY)))
+        shape = (2, 7, 7)
+    model = family.loss_module(cond_drop_prob=0.5).eval()
+    n = 4
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(n, *shape, generator=g), torch.rand(n, *shape, generator=g) * 0.1
+    labels = torch.tensor([0, 1, 2, 1])
+    fixed = {k: v for k, v in randomness(n, shape).items() if k != "drop"}
+    drop = torch.tensor([True, False, True, False])
+    null = torch.where(drop, torch.full_like(labels, model.embedder.null_class_id), labels)
+    with torch.no_grad():
+        dropped = model(mean, std, labels, drop=drop, **fixed)
+        by_hand = model(mean, std, null, drop=torch.zeros(n, dtype=torch.bool), **fixed)
+        kept = model(mean, std, labels, drop=torch.zeros(n, dtype=torch.bool), **fixed)
+    torch.testing.assert_close(dropped, by_hand)
+    assert not torch.allclose(dropped[drop], kept[drop]) and torch.allclose(dropped[~drop], kept[~drop])
+
+
 # ---------------------------------------------------------------------------------------------------- options
 
 

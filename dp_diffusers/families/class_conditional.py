@@ -40,9 +40,7 @@ class ClassConditionalLoss(DiffusionLoss):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         z = self.latents(latent_mean, latent_std, latent_noise)
-        dropped = self.dropped(z.shape[0], self.cond_drop_prob, labels.device, drop)
-        if dropped is not None:
-            labels = torch.where(dropped, torch.full_like(labels, self.embedder.null_class_id), labels)
+        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
         noisy, t, target = self.noised(z, timesteps, noise)
         pred = self.unet(noisy, t, encoder_hidden_states=self.embedder(labels)).sample
         return self.mse(pred, target)

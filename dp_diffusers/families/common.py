@@ -93,6 +93,13 @@ class DiffusionLoss(nn.Module):
             return None
         return torch.rand(rows, device=device) < prob
 
+    def drop_labels(
+        self, labels: torch.Tensor, *, prob: float, null_id: int, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``labels`` with the dropped rows (see :meth:`dropped`) replaced by the null class ``null_id``."""
+        dropped = self.dropped(labels.shape[0], prob, labels.device, drop)
+        return labels if dropped is None else torch.where(dropped, torch.full_like(labels, null_id), labels)
+
     @staticmethod
     def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -102,9 +102,7 @@ class DiTLoss(DiffusionLoss):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         z = self.latents(latent_mean, latent_std, latent_noise)
-        dropped = self.dropped(z.shape[0], self.cond_drop_prob, labels.device, drop)
-        if dropped is not None:
-            labels = torch.where(dropped, torch.full_like(labels, self.embedder.null_class_id), labels)
+        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
         noisy, t, target = self.noised(z, timesteps, noise)
         self.embedder.precomputed = self.embedder(labels)  # once; every block (and the final layer) reuses it
         try:
