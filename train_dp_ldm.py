@@ -155,8 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--grad_sample_mode",
         default="hooks",
-        choices=["hooks", "functorch", "ghost"],
-        help="Opacus per-sample gradients: hooks, functorch, or ghost clipping.",
+        choices=["hooks", "bookkeeping", "functorch", "ghost"],
+        help="Per-example clipping: Opacus hooks; bookkeeping (hooks, but linear weights are clipped from per-example "
+        "norms with no per-sample gradient tensors: less memory); functorch; or Opacus ghost clipping.",
     )
     g.add_argument(
         "--noise_multiplicity",

@@ -434,8 +434,7 @@ def test_grad_sample_module_and_optimizer_match_stock_opacus(k):
     from opacus.optimizers import DPOptimizer
 
     from dp_diffusers.privacy.grad_sample import DPGradSampleModule
-    from dp_diffusers.privacy.multiplicity import MultiplicityDPOptimizer
-    from dp_diffusers.privacy.optimizers import EngineDPOptimizer
+    from dp_diffusers.privacy.optimizers import EngineDPOptimizer, MultiplicityDPOptimizer
 
     torch.manual_seed(0)
     ours_model = Toy()

@@ -25,6 +25,13 @@ class LDMConfig:
     vae_channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "AutoencoderKL block widths."})
     unet_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet block widths."})
     layers_per_block: int = field(default=1, metadata={"help": "ResNet/attention layers per UNet block."})
+    attention_levels: tuple[bool, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Per UNet level, whether its blocks carry attention (default: every level). The mid block "
+            "always does."
+        },
+    )
     attention_heads: int = field(default=2, metadata={"help": "Heads of every attention layer."})
     cond_dim: int = field(default=64, metadata={"help": "Width of the class tokens (cross_attention_dim)."})
     num_cond_tokens: int = field(default=4, metadata={"help": "Tokens per class (must be >= 2, see ClassEmbedder)."})
@@ -32,6 +39,27 @@ class LDMConfig:
     norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups in UNet and VAE."})
     num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM training timesteps."})
 
+
+#: The layout of the shipped public model (``dp_diffusers/assets/public-printed-digits``): 7 attention blocks.
+DEFAULT = LDMConfig()
+
+#: The denoiser of the paper's CIFAR-10 model (official config ``imagenet32-conditional`` / ``cifar32-dp-eps10``:
+#: 16x16x3 latents, 128 base channels x (1, 2, 2, 4), 2 ResNet layers per level, attention at the three finest
+#: levels plus the mid block = 16 attention blocks, 8 heads, 512-wide class tokens) rebuilt from diffusers blocks.
+#: Used by ``benchmarks/step_cost.py --model_config paper_cifar10`` to measure step cost at the paper's scale; its
+#: autoencoder is a small stand-in (the benchmark feeds synthetic latents).
+PAPER_CIFAR10 = LDMConfig(
+    image_size=32,
+    in_channels=3,
+    latent_channels=3,
+    vae_channels=(32, 64),
+    unet_channels=(128, 256, 256, 512),
+    layers_per_block=2,
+    attention_levels=(True, True, True, False),
+    attention_heads=8,
+    cond_dim=512,
+    num_cond_tokens=2,
+)
 
 TINY = LDMConfig(
     vae_channels=(8, 16, 16),
@@ -65,13 +93,17 @@ def build_vae(cfg: LDMConfig) -> AutoencoderKL:
 
 
 def build_unet(cfg: LDMConfig, latent_size: int) -> UNet2DConditionModel:
-    n = len(cfg.unet_channels)
+    attention = cfg.attention_levels or (True,) * len(cfg.unet_channels)
+    if len(attention) != len(cfg.unet_channels):
+        raise ValueError(f"attention_levels has {len(attention)} entries for {len(cfg.unet_channels)} UNet levels.")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=down,
+        up_block_types=up,
         block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_heads,  # diffusers' historical name: this is the number of heads

@@ -17,13 +17,8 @@ from .accounting import (
 from .compatibility import check_trainable_modules, find_incompatible_modules
 from .config import FLAGS, GRAD_SAMPLE_MODES, PrivacyConfig, default_delta
 from .engine import DPEngine
-from .multiplicity import (
-    DistributedMultiplicityDPOptimizer,
-    MultiplicityDPOptimizer,
-    NoiseMultiplicityMixin,
-    reduce_rows,
-    repeat_rows,
-)
+from .multiplicity import NoiseMultiplicityMixin, reduce_rows, repeat_rows
+from .optimizers import DistributedMultiplicityDPOptimizer, MultiplicityDPOptimizer
 
 __all__ = [
     "ACCOUNTANTS",

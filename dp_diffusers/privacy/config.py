@@ -25,7 +25,7 @@ FLAGS = {
 }
 
 #: Per-sample gradient back-ends (Opacus ``grad_sample_mode``) this package supports.
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "bookkeeping", "functorch", "ghost")
 
 #: Cap of the default delta (the value most DP image-generation papers report).
 DEFAULT_MAX_DELTA = 1e-5
@@ -83,8 +83,9 @@ class PrivacyConfig:
         default="hooks",
         metadata={
             "help": "Per-sample gradients: 'hooks' (Opacus' per-layer samplers; every trained layer needs one), "
-            "'functorch' (torch.func for every layer) or 'ghost' (ghost clipping: norms without materialising "
-            "per-sample gradients; noise_multiplicity must be 1)."
+            "'bookkeeping' (hooks, but linear weights are clipped from per-example norms and one GEMM, without "
+            "per-sample gradient tensors: less memory), 'functorch' (torch.func for every layer) or 'ghost' (Opacus' "
+            "ghost clipping: a second backward pass; noise_multiplicity must be 1)."
         },
     )
     noise_multiplicity: int = field(

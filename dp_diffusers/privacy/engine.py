@@ -53,11 +53,11 @@ from .accounting import (
     history_steps,
     make_accountant,
 )
+from .bookkeeping import BOOKKEEPING_INPUTS
 from .compatibility import check_trainable_modules
 from .config import FLAGS, PrivacyConfig
 from .grad_sample import DPGradSampleModule
-from .multiplicity import DistributedMultiplicityDPOptimizer, MultiplicityDPOptimizer
-from .optimizers import EngineDistributedDPOptimizer, EngineDPOptimizer
+from .optimizers import engine_optimizer_class
 from .sampling import StepSignals, batch_length, poisson_loader, shuffled_loader, split_physical
 
 STATE_FORMAT = 1
@@ -286,10 +286,15 @@ class DPEngine:
             # the Distributed*DPOptimizer, so ranks may split their Poisson batches into different numbers of
             # physical batches without deadlocking (torch DDP would all-reduce after every backward).
             module = DPDDP(module)
-        if cfg.grad_sample_mode == "hooks":
-            # Opacus' hooks minus a zero-fill copy, plus the noise-multiplicity fold (grad_sample.py).
+        if cfg.grad_sample_mode in ("hooks", "bookkeeping"):
+            # Opacus' hooks minus a zero-fill copy, plus the noise-multiplicity fold (grad_sample.py) and, in
+            # book-keeping mode, linear weights clipped from their norms and inputs (bookkeeping.py).
             gsm = DPGradSampleModule(
-                module, noise_multiplicity=cfg.noise_multiplicity, batch_first=True, loss_reduction="mean"
+                module,
+                noise_multiplicity=cfg.noise_multiplicity,
+                bookkeeping=cfg.grad_sample_mode == "bookkeeping",
+                batch_first=True,
+                loss_reduction="mean",
             )
         else:
             extra = {"max_grad_norm": cfg.max_grad_norm} if cfg.grad_sample_mode == "ghost" else {}
@@ -320,10 +325,9 @@ class DPEngine:
         k = self.config.noise_multiplicity
         if self.config.grad_sample_mode == "ghost":
             return (DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping), {}
-        if k > 1:
-            cls = DistributedMultiplicityDPOptimizer if distributed else MultiplicityDPOptimizer
-            return cls, {"noise_multiplicity": k}
-        return (EngineDistributedDPOptimizer if distributed else EngineDPOptimizer), {}
+        return engine_optimizer_class(
+            distributed=distributed, noise_multiplicity=k, bookkeeping=self.config.grad_sample_mode == "bookkeeping"
+        )
 
     def _make_plain(self, module, optimizer, data_loader, distributed, seed) -> None:
         b, w = self.config.expected_batch_size, self._world_size
@@ -406,8 +410,9 @@ class DPEngine:
             for p in opt.params:
                 p.summed_grad = None
                 p.grad_sample = None
-                if hasattr(p, "_current_grad_sample"):
-                    del p._current_grad_sample
+                for attr in ("_current_grad_sample", BOOKKEEPING_INPUTS):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
                 if hasattr(p, "_forward_counter"):
                     p._forward_counter = 0
             for m in self._raw_module.modules():

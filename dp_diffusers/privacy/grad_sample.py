@@ -20,7 +20,21 @@ is otherwise Opacus' own, line for line:
    multiplicity reduction in ``MultiplicityDPOptimizer`` keeps tensors that already have B rows, and still reduces
    the layers not folded (GroupNorm, Conv: their samplers need the channel at dim 1).
 
-Why by hand: Opacus exposes no hook for either (opacus 1.6.0); both are checked against stock Opacus and against
+3. **Book-keeping** (``bookkeeping=True``, ``grad_sample_mode="bookkeeping"``): an ``nn.Linear`` weight gets its
+   per-example squared norms ``[B]`` as ``grad_sample`` and keeps its activations and backprops for the clipped sum
+   (``bookkeeping.py``), instead of ``[B, out, in]`` per-sample gradients. A weight used more than once in a forward
+   pass, or whose K noise rows were not folded, takes the materialised path.
+
+4. **No summed gradient from autograd.** Under DP, Opacus never reads the ``p.grad`` that autograd accumulates for a
+   trained parameter (the optimizer builds ``p.grad`` from the clipped per-sample gradients and the noise), yet
+   autograd computes it: one weight-gradient GEMM (or convolution) per trained layer, wasted. While a trained
+   module runs its forward pass on an input that requires grad, its own parameters are switched to
+   ``requires_grad=False`` and switched back right after (a forward hook that runs before Opacus' and even when the
+   forward raises): autograd then records no parameter gradient, the module's output still requires grad through
+   its input, and Opacus' hooks see the same activations and backprops. Modules whose inputs need no grad (the
+   first trained layer, an embedding's indices) are left as they are.
+
+Why by hand: Opacus exposes no hook for any of these (opacus 1.6.0); both are checked against stock Opacus and against
 per-example gradients computed by a loop in ``tests/test_privacy_engine.py``.
 """
 
@@ -33,6 +47,8 @@ from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_samp
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
+from .bookkeeping import BOOKKEEPING_INPUTS, linear_weight_norms2
+
 #: Modules whose registered Opacus grad sampler sums over all positions between the batch and the last dimension,
 #: so that folding K rows per example into the position dimension yields the per-example sum over the K rows.
 FOLDABLE_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
@@ -41,14 +57,34 @@ FOLDABLE_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 class DPGradSampleModule(GradSampleModule):
     """``GradSampleModule`` (hooks mode) without the zero-fill copy and with noise multiplicity folded into the
     samplers of :data:`FOLDABLE_MODULES` (see the module docstring). ``noise_multiplicity`` is K; before each
-    backward pass, :meth:`set_num_examples` says how many examples the physical batch holds."""
+    backward pass, :meth:`set_num_examples` says how many examples the physical batch holds. ``bookkeeping``:
+    ``nn.Linear`` weights store per-example squared norms for a ``BookkeepingMixin`` optimizer (``bookkeeping.py``).
+    """
 
-    def __init__(self, m: nn.Module, *, noise_multiplicity: int = 1, **kwargs):
+    def __init__(self, m: nn.Module, *, noise_multiplicity: int = 1, bookkeeping: bool = False, **kwargs):
         if noise_multiplicity < 1:
             raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
         super().__init__(m, **kwargs)
         self.noise_multiplicity = noise_multiplicity
+        self.bookkeeping = bookkeeping
         self._num_examples: int | None = None
+        for module in self.iterate_submodules(self._module):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self.autograd_grad_sample_hooks += [
+                    module.register_forward_pre_hook(self._params_out_of_graph),
+                    module.register_forward_hook(_params_back, prepend=True, always_call=True),
+                ]
+
+    def _params_out_of_graph(self, module: nn.Module, args) -> None:
+        """Forward pre-hook: keep the module's trained parameters out of the autograd graph (item 4 above)."""
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return  # the output would not require grad: no backward hook, no per-sample gradient
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        module._dp_params_out_of_graph = params
 
     def set_num_examples(self, num_examples: int | None) -> None:
         """Examples (not rows) in the physical batch about to be back-propagated; enables the multiplicity fold."""
@@ -76,13 +112,16 @@ class DPGradSampleModule(GradSampleModule):
             module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
         )
         activations, backprops = self._fold(module, activations, backprops)
-        module_type = self._get_module_type(module)
-        if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
-            grad_sampler_fn = self.GRAD_SAMPLERS[module_type]
-        else:
-            grad_sampler_fn = ft_compute_per_sample_gradient
-        grad_samples = grad_sampler_fn(module, activations, backprops)
         rows = backprops.shape[0]  # module.max_batch_len, or B after a fold
+        if self._bookkeeping_applies(module, rows):
+            grad_samples = _bookkeeping_linear(module, activations[0], backprops)
+        else:
+            module_type = self._get_module_type(module)
+            if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
+                grad_sampler_fn = self.GRAD_SAMPLERS[module_type]
+            else:
+                grad_sampler_fn = ft_compute_per_sample_gradient
+            grad_samples = grad_sampler_fn(module, activations, backprops)
         inputs = [t for t in (*activations, backprops) if isinstance(t, torch.Tensor)]
         for param, gs in grad_samples.items():
             _store(param, gs, rows, inputs)
@@ -97,6 +136,35 @@ class DPGradSampleModule(GradSampleModule):
                 )
         if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
             del module.max_batch_len
+
+    def _bookkeeping_applies(self, module: nn.Module, rows: int) -> bool:
+        """Book-keeping for this backward call of ``module``: an ``nn.Linear`` with a trained weight that is used
+        once in the forward pass (no other call pending, none stored) and, with K > 1, whose rows were folded."""
+        if not (self.bookkeeping and type(module) is nn.Linear and module.weight.requires_grad):
+            return False
+        w = module.weight
+        if w._forward_counter != 1 or hasattr(w, "_current_grad_sample") or hasattr(w, BOOKKEEPING_INPUTS):
+            return False
+        return self.noise_multiplicity == 1 or rows == self._num_examples
+
+
+def _params_back(module: nn.Module, _args, _output) -> None:
+    """Forward hook (runs first, and also when the forward raised): trained parameters require grad again."""
+    for p in module.__dict__.pop("_dp_params_out_of_graph", ()):
+        p.requires_grad_(True)
+
+
+def _bookkeeping_linear(module: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> dict:
+    """The weight's per-example squared norms (its inputs kept for the clipped sum) and the bias' per-sample
+    gradients, as Opacus' linear sampler would give them (``[B, out]``: the sum over positions)."""
+    rows = backprops.shape[0]
+    a = activations.reshape(rows, -1, activations.shape[-1])
+    g = backprops.reshape(rows, -1, backprops.shape[-1])
+    setattr(module.weight, BOOKKEEPING_INPUTS, (a, g))
+    grad_samples = {module.weight: linear_weight_norms2(a, g)}
+    if module.bias is not None and module.bias.requires_grad:
+        grad_samples[module.bias] = g.sum(dim=1)
+    return grad_samples
 
 
 def _store(param: nn.Parameter, grad_sample: torch.Tensor, rows: int, inputs: list[torch.Tensor]) -> None:

@@ -27,8 +27,6 @@ from collections.abc import Mapping
 
 import torch
 
-from .optimizers import EngineDistributedDPOptimizer, EngineDPOptimizer
-
 
 def reduce_rows(grad_sample: torch.Tensor, *, multiplicity: int, num_examples: int | None = None) -> torch.Tensor:
     """Per-example gradients from per-row ones: mean over each example's ``multiplicity`` consecutive rows.
@@ -93,11 +91,3 @@ class NoiseMultiplicityMixin:
             p.grad_sample = self._reduce(getattr(p, "grad_sample", None))
         self._num_examples = None
         super().clip_and_accumulate()
-
-
-class MultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDPOptimizer):
-    """Opacus ``DPOptimizer`` with noise multiplicity (see the module docstring)."""
-
-
-class DistributedMultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDistributedDPOptimizer):
-    """Opacus ``DistributedDPOptimizer`` (noise added on rank 0 only) with noise multiplicity."""

@@ -1,0 +1,150 @@
+"""Book-keeping clipping (grad_sample_mode="bookkeeping"): exact against stock Opacus, loops, and hooks mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dp_diffusers.privacy import DPEngine, PrivacyConfig, reduce_rows, repeat_rows
+from dp_diffusers.privacy.bookkeeping import linear_weight_clipped_sum, linear_weight_norms2
+from dp_diffusers.privacy.grad_sample import DPGradSampleModule
+from dp_diffusers.privacy.optimizers import BookkeepingDPOptimizer, BookkeepingMultiplicityDPOptimizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class SeqToy(nn.Module):
+    """Linear layers on token sequences, as in a transformer block: one whose per-example norm is cheaper directly
+    (``inp``: 16 tokens, 2 -> 24), one cheaper as a ghost norm (``mix``: 4 tokens, 96 -> 96), one used twice in the
+    forward pass (``tied``: must fall back to materialised per-sample gradients), a 2-D one (``head``), plus an
+    Embedding, a LayerNorm and a frozen Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(2, 24)
+        self.mix = nn.Linear(96, 96)
+        self.embed = nn.Embedding(5, 96)
+        self.ln = nn.LayerNorm(96)
+        self.frozen = nn.Linear(96, 96)
+        self.tied = nn.Linear(96, 96)
+        self.head = nn.Linear(96, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x, y):
+        tokens = x.flatten(2).transpose(1, 2)  # [B, 2, 4, 4] -> [B, 16, 2]
+        h = self.inp(tokens).reshape(x.shape[0], 4, 96)  # [B, 4, 96]
+        h = self.ln(torch.tanh(self.mix(h) + self.embed(y)[:, None]))
+        h = self.tied(torch.tanh(self.tied(self.frozen(h))))
+        return self.head(h.mean(dim=1))
+
+
+def data(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 5, (n,), generator=g), torch.randn(n, 3, generator=g)
+    )
+
+
+def rows(batch, k: int, seed: int = 7):
+    x, y, t = repeat_rows(tuple(batch), k)
+    return x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)), y, t
+
+
+def loss_rows(module, batch, k: int):
+    x, y, t = rows(batch, k)
+    return ((module(x, y) - t) ** 2).mean(dim=1)
+
+
+@pytest.mark.parametrize(("t", "d_in", "d_out"), [(16, 2, 24), (4, 96, 96), (1, 96, 3)])
+def test_norms_and_clipped_sum_equal_materialised_per_sample_gradients(t, d_in, d_out):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, t, d_in, generator=g), torch.randn(5, t, d_out, generator=g)
+    per_sample = torch.einsum("nto,nti->noi", b, a)
+    torch.testing.assert_close(linear_weight_norms2(a, b), per_sample.square().sum(dim=(1, 2)), rtol=1e-4, atol=1e-4)
+    c = torch.rand(5, generator=g)
+    torch.testing.assert_close(linear_weight_clipped_sum(a, b, c), torch.einsum("n,noi->oi", c, per_sample))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bookkeeping_step_matches_stock_opacus(k):
+    """The clipped, noised step equals stock Opacus GradSampleModule + DPOptimizer (with the K-row mean by hand),
+    and no [B, out, in] per-sample gradient is stored for a book-keeping weight."""
+    torch.manual_seed(0)
+    ours_model = SeqToy()
+    stock_model = copy.deepcopy(ours_model)
+    x, y, t = rows(data(5, seed=3).tensors, k)
+    # C between the examples' gradient norms: some are clipped, some not, so a wrong norm changes the step.
+    kw = dict(noise_multiplier=0.01, max_grad_norm=3.0, expected_batch_size=5, loss_reduction="mean")
+
+    ours = DPGradSampleModule(
+        ours_model, noise_multiplicity=k, bookkeeping=True, batch_first=True, loss_reduction="mean"
+    )
+    params = [p for p in ours_model.parameters() if p.requires_grad]
+    opt_cls, extra = (BookkeepingMultiplicityDPOptimizer, {"noise_multiplicity": k}) if k > 1 else (
+        BookkeepingDPOptimizer, {})  # fmt: skip
+    ours_opt = opt_cls(torch.optim.SGD(params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw, **extra)
+    ours.set_num_examples(5)
+    if k > 1:
+        ours_opt.set_num_examples(5)
+    ((ours(x, y) - t) ** 2).mean(dim=1).mean().backward()
+    shapes = {name: tuple(p.grad_sample.shape) for name, p in ours_model.named_parameters() if p.requires_grad}
+    for name in ("inp.weight", "mix.weight", "head.weight"):
+        assert shapes[name] == (5,), (name, shapes[name])  # per-example squared norms only
+    assert shapes["tied.weight"] == (5, 96, 96)  # used twice: materialised
+    assert shapes["mix.bias"] == (5, 96)
+    norms = {name: p.grad_sample.clone() for name, p in ours_model.named_parameters() if p.requires_grad}
+    ours_opt.step()
+
+    stock = GradSampleModule(stock_model, batch_first=True, loss_reduction="mean")
+    stock_params = [p for p in stock_model.parameters() if p.requires_grad]
+    stock_opt = DPOptimizer(torch.optim.SGD(stock_params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw)
+    ((stock(x, y) - t) ** 2).mean(dim=1).mean().backward()
+    for p in stock_params:  # the K-row mean per example, by hand
+        p.grad_sample = reduce_rows(p.grad_sample, multiplicity=k)
+    for name, p in stock_model.named_parameters():
+        if name in ("inp.weight", "mix.weight", "head.weight"):
+            torch.testing.assert_close(norms[name], p.grad_sample.square().sum(dim=(1, 2)), rtol=1e-4, atol=1e-6)
+    clip_factors = 3.0 / (torch.stack([g.reshape(5, -1).norm(dim=1) for g in stock_opt.grad_samples]).norm(dim=0))
+    assert (clip_factors < 1).any() and (clip_factors > 1).any()  # C really sits between the examples' norms
+    stock_opt.step()
+
+    for (name, a), b in zip(ours_model.named_parameters(), stock_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert not any(hasattr(p, "_bookkeeping_inputs") for p in params)  # inputs released after the step
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_engine_bookkeeping_trains_like_hooks(k):
+    """Same data, seeds and noise: book-keeping and hooks mode take the same steps through the engine, with
+    physical batches accumulated into logical ones, and the frozen layer stays bit-identical."""
+    torch.manual_seed(0)
+    base = SeqToy()
+    finals = []
+    for mode in ("hooks", "bookkeeping"):
+        model = copy.deepcopy(base)
+        cfg = PrivacyConfig(
+            target_epsilon=None, noise_multiplier=0.5, max_grad_norm=0.5, accountant="rdp", expected_batch_size=6,
+            max_physical_batch_size=2, max_steps=3, epochs=None, noise_multiplicity=k, grad_sample_mode=mode,
+        )  # fmt: skip
+        engine = DPEngine(config=cfg, dataset_size=24)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        loader = DataLoader(data(24), batch_size=6)
+        module, _, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, seed=3, noise_generator=torch.Generator().manual_seed(5)
+        )
+        while not engine.finished:
+            for batch in engine.physical_batches(loader):
+                engine.backward(loss_rows(module, batch, k))
+                engine.step()
+        assert engine.steps == 3
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, hooks_p in finals[0].items():
+        torch.testing.assert_close(finals[1][name], hooks_p, atol=1e-5, rtol=1e-4, msg=name)
+    assert torch.equal(finals[1]["frozen.weight"], base.frozen.weight)
+    assert not torch.equal(finals[1]["mix.weight"], base.mix.weight)
