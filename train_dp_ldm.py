@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     g.add_argument(
         "--grad_sample_mode",
-        default="hooks",
+        default="bookkeeping",
         choices=["hooks", "bookkeeping", "functorch", "ghost"],
         help="Per-example clipping: Opacus hooks; bookkeeping (hooks, but linear weights are clipped from per-example "
         "norms with no per-sample gradient tensors: less memory); functorch; or Opacus ghost clipping.",

@@ -148,3 +148,28 @@ def test_engine_bookkeeping_trains_like_hooks(k):
         torch.testing.assert_close(finals[1][name], hooks_p, atol=1e-5, rtol=1e-4, msg=name)
     assert torch.equal(finals[1]["frozen.weight"], base.frozen.weight)
     assert not torch.equal(finals[1]["mix.weight"], base.mix.weight)
+
+
+@pytest.mark.parametrize("bookkeeping", [False, True])
+def test_autograd_computes_no_summed_gradient_for_trained_parameters(bookkeeping):
+    """DPGradSampleModule keeps trained parameters out of the autograd graph while their module runs on an input
+    that requires grad (Opacus never reads that p.grad); the first trained layer (input needs no grad) and the
+    embedding (integer input) keep theirs. requires_grad is back after the forward, even when it raises."""
+    model = SeqToy()
+    module = DPGradSampleModule(model, bookkeeping=bookkeeping, batch_first=True, loss_reduction="mean")
+    x, y, t = rows(data(4).tensors, 1)
+    ((module(x, y) - t) ** 2).mean(dim=1).mean().backward()
+    computed = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert computed == {"inp.weight", "inp.bias", "embed.weight"}
+    assert all(p.grad_sample is not None for p in model.parameters() if p.requires_grad)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == {name for name, _ in model.named_parameters()} - {"frozen.weight", "frozen.bias"}
+
+    def boom(*_):
+        assert not model.mix.weight.requires_grad  # switched off during the forward
+        raise RuntimeError("boom")
+
+    model.mix.forward = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        module(x, y)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trained

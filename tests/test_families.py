@@ -252,10 +252,11 @@ def engine_vs_loop(model, dataset, randomness) -> None:
     from dp_diffusers.privacy import DPEngine, PrivacyConfig
 
     reference = copy.deepcopy(model)
+    bookkeeping_model = copy.deepcopy(model)
     n = len(dataset)
     cfg = PrivacyConfig(
         target_epsilon=None, noise_multiplier=0.0, max_grad_norm=1e6, accountant="rdp", expected_batch_size=n,
-        max_steps=1, epochs=None,
+        max_steps=1, epochs=None, grad_sample_mode="hooks",
     )  # fmt: skip
     engine = DPEngine(config=cfg, dataset_size=n)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -272,14 +273,54 @@ def engine_vs_loop(model, dataset, randomness) -> None:
     assert len(names) > 10
     flat = torch.cat([got[name].flatten(1) for name in names], dim=1)
     assert (flat.norm(dim=1) > 0).all() and not torch.allclose(flat[0], flat[1])  # real, distinct per example
+    loop = []
     for i in range(n):
         rows = [t[i : i + 1] for t in batch]
         loss = reference(*rows, **{k: v[i : i + 1] for k, v in randomness.items()}).sum()
         grads = torch.autograd.grad(loss, [ref_params[name] for name in names])
+        loop.append(grads)
         for name, g in zip(names, grads, strict=True):
             assert got[name].shape[0] == n, name
             torch.testing.assert_close(got[name][i], g, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     batches.close()
+    bookkeeping_step_matches_loop(bookkeeping_model, dataset, randomness, names, loop)
+
+
+def bookkeeping_step_matches_loop(model, dataset, randomness, names, loop) -> None:
+    """grad_sample_mode="bookkeeping" (the default; no per-sample gradient tensors for linear weights): one
+    noiseless SGD step (lr 1) equals ``-(1/n) sum_i c_i g_i`` from the loop's per-example gradients ``g_i``, with
+    ``c_i = min(1, C / ||g_i||)`` and C between the examples' norms (some clipped, some not)."""
+    from torch.utils.data import DataLoader
+
+    from dp_diffusers.privacy import DPEngine, PrivacyConfig
+
+    n = len(dataset)
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in loop])
+    c = norms.median().item()
+    cfg = PrivacyConfig(
+        target_epsilon=None, noise_multiplier=0.0, max_grad_norm=c, accountant="rdp", expected_batch_size=n,
+        max_steps=1, epochs=None,
+    )  # fmt: skip
+    assert cfg.grad_sample_mode == "bookkeeping"
+    engine = DPEngine(config=cfg, dataset_size=n)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    module, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(dataset, batch_size=n), seed=0
+    )
+    for batch in engine.physical_batches(loader):
+        engine.backward(module(*batch, **randomness))
+        bookkept = [p for p in optimizer.params if p.dim() == 2 and p.grad_sample.dim() == 1]
+        assert bookkept  # linear weights carry per-example squared norms [n], not [n, out, in] gradients
+        assert engine.step()
+    factors = (c / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    params = dict(model.named_parameters())
+    for j, name in enumerate(names):
+        expected = before[name] - sum(factors[i] * loop[i][j] for i in range(n)) / n
+        torch.testing.assert_close(
+            params[name], expected, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def randomness(n: int, latent_shape, *, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -79,7 +79,9 @@ SCRIPT = textwrap.dedent(
     base = dict(target_epsilon=None, noise_multiplier=SIGMA, max_grad_norm=C, accountant="rdp",
                 expected_batch_size=B, max_physical_batch_size=2)
     out = {{
-        "hooks": run(PrivacyConfig(**base, max_steps=5, noise_multiplicity=2), mse),
+        "hooks": run(PrivacyConfig(**base, max_steps=5, noise_multiplicity=2, grad_sample_mode="hooks"), mse),
+        "bookkeeping": run(PrivacyConfig(**base, max_steps=4, noise_multiplicity=2, grad_sample_mode="bookkeeping"),
+                           mse),
         "ghost": run(PrivacyConfig(**base, max_steps=3, grad_sample_mode="ghost"), mse),
         "noise": run(PrivacyConfig(**base, max_steps=1), zero, lr=1.0,
                      noise_generator=torch.Generator().manual_seed(NOISE_SEED)),
@@ -112,7 +114,7 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("scenario", ["hooks", "ghost", "plain"])
+@pytest.mark.parametrize("scenario", ["hooks", "bookkeeping", "ghost", "plain"])
 def test_ranks_end_with_identical_parameters(ranks, scenario):
     r0, r1 = ranks[0][scenario], ranks[1][scenario]
     assert r0["world_size"] == r1["world_size"] == 2
@@ -130,7 +132,7 @@ def test_each_rank_draws_its_own_poisson_shard(ranks):
     assert max(r0["sizes"] + r1["sizes"]) <= 2
 
 
-@pytest.mark.parametrize("scenario", ["hooks", "ghost"])
+@pytest.mark.parametrize("scenario", ["hooks", "bookkeeping", "ghost"])
 def test_epsilon_equals_the_single_process_run(ranks, scenario):
     from torch.utils.data import DataLoader, TensorDataset
 

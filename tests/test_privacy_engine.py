@@ -137,19 +137,26 @@ def test_per_example_gradients_match_a_loop(k, embed_per_example, mode):
 
 
 def test_clipping_bounds_every_example():
-    torch.manual_seed(0)
+    """Hooks mode: the per-example gradients clipped to C sum to the optimizer's clipped sum; book-keeping mode
+    (no per-sample weight gradients) gives the same clipped sum on the same batch."""
     c = 0.05
-    engine, _, module, optimizer, loader = private(config(noise_multiplier=0.0, max_grad_norm=c, noise_multiplicity=2))
-    batch, _batches = first_nonempty_batch(engine, loader)
-    engine.backward(per_row_loss(module, batch, 2))
-    optimizer.clip_and_accumulate()
-    per_example = torch.cat([p.grad_sample.flatten(1) for p in optimizer.params], dim=1)
-    norms = per_example.norm(dim=1)
-    assert (norms > c).any()  # clipping is active
-    clipped = per_example * (c / (norms + 1e-6)).clamp(max=1.0)[:, None]
-    assert (clipped.norm(dim=1) <= c + 1e-6).all()
-    summed = torch.cat([p.summed_grad.flatten() for p in optimizer.params])
-    torch.testing.assert_close(summed, clipped.sum(0), atol=1e-6, rtol=1e-5)
+    summed = {}
+    for mode in ("hooks", "bookkeeping"):
+        torch.manual_seed(0)
+        cfg = config(noise_multiplier=0.0, max_grad_norm=c, noise_multiplicity=2, grad_sample_mode=mode)
+        engine, _, module, optimizer, loader = private(cfg)
+        batch, _batches = first_nonempty_batch(engine, loader)
+        engine.backward(per_row_loss(module, batch, 2))
+        optimizer.clip_and_accumulate()
+        summed[mode] = torch.cat([p.summed_grad.flatten() for p in optimizer.params])
+        if mode == "hooks":
+            per_example = torch.cat([p.grad_sample.flatten(1) for p in optimizer.params], dim=1)
+            norms = per_example.norm(dim=1)
+            assert (norms > c).any()  # clipping is active
+            clipped = per_example * (c / (norms + 1e-6)).clamp(max=1.0)[:, None]
+            assert (clipped.norm(dim=1) <= c + 1e-6).all()
+            torch.testing.assert_close(summed[mode], clipped.sum(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(summed["bookkeeping"], summed["hooks"], atol=1e-6, rtol=1e-5)
 
 
 def test_frozen_parameters_unchanged_trained_ones_change():

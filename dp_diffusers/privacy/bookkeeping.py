@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-#: Attribute of a weight that holds ``(activations [B, T, in], backprops [B, T, out])`` until the optimizer clips.
+#: Attribute of a weight that holds ``(activations [B, T, in], backprops [B, T, out], scale)`` until the optimizer
+#: clips; the weight's per-example gradients are ``scale * backprops_i^T activations_i``.
 BOOKKEEPING_INPUTS = "_bookkeeping_inputs"
 
 
@@ -87,8 +88,8 @@ class BookkeepingMixin:
             _check_processed_flag(p.grad_sample)
             factors = clip_factors.to(device=grad_sample.device, dtype=p.dtype)
             if has_bookkeeping(p):
-                activations, backprops = getattr(p, BOOKKEEPING_INPUTS)
-                grad = linear_weight_clipped_sum(activations.to(p.dtype), backprops.to(p.dtype), factors)
+                activations, backprops, scale = getattr(p, BOOKKEEPING_INPUTS)
+                grad = linear_weight_clipped_sum(activations.to(p.dtype), backprops.to(p.dtype), factors * scale)
                 clear_bookkeeping(p)
             else:
                 grad = torch.einsum("i,i...", factors, grad_sample.to(p.dtype))

@@ -80,7 +80,7 @@ class PrivacyConfig:
         default="prv", metadata={"help": f"Privacy accountant: one of {', '.join(ACCOUNTANTS)} (Opacus)."}
     )
     grad_sample_mode: str = field(
-        default="hooks",
+        default="bookkeeping",
         metadata={
             "help": "Per-sample gradients: 'hooks' (Opacus' per-layer samplers; every trained layer needs one), "
             "'bookkeeping' (hooks, but linear weights are clipped from per-example norms and one GEMM, without "

@@ -91,31 +91,38 @@ class DPGradSampleModule(GradSampleModule):
         self._num_examples = num_examples
 
     def _fold(self, module: nn.Module, activations, backprops: torch.Tensor):
-        """``[B*K, ...]`` -> ``[B, K*...]`` for a foldable module that saw B*K rows, backprops divided by K."""
+        """``[B*K, ...]`` -> ``[B, K*...]`` for a foldable module that saw B*K rows; returns the reshaped
+        activations and backprops and the K folded (1: nothing folded). The caller divides the backprops by it."""
         k, b = self.noise_multiplicity, self._num_examples
         if k == 1 or not b or not isinstance(module, FOLDABLE_MODULES) or backprops.shape[0] != b * k:
-            return activations, backprops
+            return activations, backprops, 1
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
-            return activations, backprops  # normalised over several trailing dimensions: keep them
+            return activations, backprops, 1  # normalised over several trailing dimensions: keep them
         if isinstance(module, nn.Embedding):  # indices [B*K, ...], no feature dimension: [B, K*...]
             fold = [a.reshape(b, -1) for a in activations]
         else:  # features last: [B*K, ..., F] -> [B, K*..., F]
             fold = [a.reshape(b, -1, a.shape[-1]) for a in activations]
-        return fold, backprops.reshape(b, -1, backprops.shape[-1]) / k
+        return fold, backprops.reshape(b, -1, backprops.shape[-1]), k
 
     def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
-        # Opacus 1.6's GradSampleHooks.capture_backprops_hook, with _fold and _store in place of its accumulation.
+        # Opacus 1.6's GradSampleHooks.capture_backprops_hook, with _fold and _store in place of its accumulation,
+        # and Opacus' "mean" rescaling of the backprops (x rows) applied once, together with the fold's 1/K, or
+        # (book-keeping) to the per-example results instead of to a copy of the backprops.
         if not self.hooks_enabled:
             return
         backprops = forward_output[0].detach()
         activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
+            module=module, backprops=backprops, loss_reduction="sum", batch_first=batch_first
         )
-        activations, backprops = self._fold(module, activations, backprops)
+        scale = module.max_batch_len if loss_reduction == "mean" else 1
+        activations, backprops, k = self._fold(module, activations, backprops)
+        scale = scale / k
         rows = backprops.shape[0]  # module.max_batch_len, or B after a fold
         if self._bookkeeping_applies(module, rows):
-            grad_samples = _bookkeeping_linear(module, activations[0], backprops)
+            grad_samples = _bookkeeping_linear(module, activations[0], backprops, scale)
         else:
+            if scale != 1:
+                backprops = backprops * scale
             module_type = self._get_module_type(module)
             if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
                 grad_sampler_fn = self.GRAD_SAMPLERS[module_type]
@@ -154,17 +161,21 @@ def _params_back(module: nn.Module, _args, _output) -> None:
         p.requires_grad_(True)
 
 
-def _bookkeeping_linear(module: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> dict:
-    """The weight's per-example squared norms (its inputs kept for the clipped sum) and the bias' per-sample
-    gradients, as Opacus' linear sampler would give them (``[B, out]``: the sum over positions)."""
-    rows = backprops.shape[0]
-    a = activations.reshape(rows, -1, activations.shape[-1])
-    g = backprops.reshape(rows, -1, backprops.shape[-1])
-    setattr(module.weight, BOOKKEEPING_INPUTS, (a, g))
-    grad_samples = {module.weight: linear_weight_norms2(a, g)}
+def _bookkeeping_linear(module: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor, scale: float) -> dict:
+    """The per-example squared norms of the weight's gradients ``scale * g_i^T a_i`` (its inputs kept for the
+    clipped sum) and the bias' per-sample gradients, as Opacus' linear sampler would give them (``[B, out]``: the
+    sum over positions)."""
+    a, g = _positions(activations), _positions(backprops)
+    setattr(module.weight, BOOKKEEPING_INPUTS, (a, g, scale))
+    grad_samples = {module.weight: linear_weight_norms2(a, g) * scale**2}
     if module.bias is not None and module.bias.requires_grad:
-        grad_samples[module.bias] = g.sum(dim=1)
+        grad_samples[module.bias] = g.sum(dim=1) * scale
     return grad_samples
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ..., F]`` -> ``[B, T, F]`` (T = 1 for ``[B, F]``; also for an empty batch)."""
+    return t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2)
 
 
 def _store(param: nn.Parameter, grad_sample: torch.Tensor, rows: int, inputs: list[torch.Tensor]) -> None:
