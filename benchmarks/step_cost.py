@@ -4,19 +4,25 @@
     OMP_NUM_THREADS=1 python benchmarks/step_cost.py --steps 10            # CPU, default model (random init)
     python benchmarks/step_cost.py --device cuda --batch_size 256 --json   # GPU
     python benchmarks/step_cost.py --model dp_diffusers/assets/public-printed-digits
+    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --model_config paper_cifar10 --batch_size 8 --steps 3
 
-Every configuration trains the same model (``build_class_conditional_ldm(LDMConfig())`` seeded alike, or the
-``--model`` pipeline folder) on the same physical batch (``--batch_size`` examples of synthetic latents) through the
-same loop as ``train_dp_ldm.py``: ``DPEngine.physical_batches`` / ``backward`` / ``step`` with the
-``ClassConditionalLoss`` module. Each logical batch is exactly one physical batch of exactly ``--batch_size``
-examples: the engine is built with ``dataset_size == expected_batch_size`` (Poisson rate q = 1 includes every
-example), a fixed noise multiplier (1.0), no target epsilon and an unreachable step plan, so it never stops.
+Every configuration trains the same model (``build_class_conditional_ldm(LDMConfig())`` seeded alike, the
+``--model_config`` named in ``dp_diffusers.models.configs`` (``paper_cifar10``: the paper's 90M-parameter CIFAR-10
+denoiser with 16 attention blocks), or the ``--model`` pipeline folder) on the same physical batch (``--batch_size``
+examples of synthetic latents) through the same loop as ``train_dp_ldm.py``: ``DPEngine.physical_batches`` /
+``backward`` / ``step`` with the ``ClassConditionalLoss`` module. Each logical batch is exactly one physical batch
+of exactly ``--batch_size`` examples: the engine is built with ``dataset_size == expected_batch_size`` (Poisson rate
+q = 1 includes every example), a fixed noise multiplier (1.0), no target epsilon and an unreachable step plan, so it
+never stops.
 
 Configurations (each in a fresh subprocess, so that its peak memory is its own):
 
 * ``nonprivate_attention``: ``disable_dp`` (plain AdamW, no clipping or noise) on the attention blocks + embedder;
-* ``dp_attention_hooks``: DP-SGD, attention blocks + embedder, Opacus hooks (per-sample gradients);
+* ``dp_attention_hooks``: DP-SGD, attention blocks + embedder, Opacus hooks (per-sample gradients); with
+  ``--attention_layers A-B`` only those attention blocks (+ embedder) in every attention-only configuration;
 * ``dp_attention_ghost``: the same with ghost clipping (``grad_sample_mode="ghost"``);
+* ``dp_attention_bookkeeping``: the same with book-keeping clipping (``grad_sample_mode="bookkeeping"``, the default
+  of ``train_dp_ldm.py``: linear weights clipped from per-example norms, no per-sample weight gradients);
 * ``dp_full_unet_hooks``: DP-SGD with every UNet parameter + the embedder trainable, hooks;
 * ``dp_attention_hooks_k4``: DP attention-only, hooks, noise multiplicity K=4 (``--batch_size`` examples = 4x rows).
 
@@ -72,6 +78,7 @@ CONFIGS = {
     "dp_attention_bookkeeping": ("DP, attention + embedder, book-keeping", True, "attention", "bookkeeping", 1),
     "dp_full_unet_hooks": ("DP, full UNet + embedder, hooks", True, "full", "hooks", 1),
     "dp_attention_hooks_k4": ("DP, attention + embedder, hooks, K=4", True, "attention", "hooks", 4),
+    "dp_attention_bookkeeping_k4": ("DP, attention + embedder, bookkeeping, K=4", True, "attention", "bookkeeping", 4),
     # Optional (not in the default --configs): only the q/k/v/out projections (--trainable_scope
     # attention_projections) + embedder.
     "nonprivate_projections": ("non-private, q/k/v/out projections + embedder", False, "projections", "hooks", 1),
@@ -123,7 +130,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="As train_dp_ldm.py's flag: train only these attention blocks (e.g. 9-16) in the attention-only "
         "configurations (default: all, as train_dp_ldm.py).",
     )
-    p.add_argument("--batch_size", type=int, default=64, help="Examples per physical (= logical) batch.")
+    p.add_argument("--batch_size", type=int, default=64, help="Examples per physical batch.")
+    p.add_argument(
+        "--physical_batches",
+        type=int,
+        default=1,
+        help="Physical batches per logical step (logical batch = batch_size x this), as with train_dp_ldm.py's "
+        "--train_batch_size > --max_physical_batch_size: the per-step work (noise, AdamW) is shared by more examples.",
+    )
     p.add_argument("--steps", type=int, default=10, help="Timed logical steps per configuration.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed logical steps first.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice).")
@@ -156,8 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.model_config = "tiny"
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch_size and --steps must be >= 1, --warmup >= 0")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.physical_batches < 1:
+        p.error("--batch_size, --physical_batches and --steps must be >= 1, --warmup >= 0")
     ours_only = args.model or args.model_config != "default" or args.profile or args.attention_layers
     if args.family != "ours" and ours_only:
         p.error("--model, --model_config, --attention_layers and --profile apply to --family ours only")
@@ -302,7 +316,8 @@ def build_run(args, name: str):
     _, private, scope, mode, k = CONFIGS[name]
     device = torch.device(args.device)
     family = load_family(args)
-    dataset = synthetic_inputs(args, family, args.batch_size, args.seed)
+    n = args.batch_size * args.physical_batches  # one logical batch
+    dataset = synthetic_inputs(args, family, n, args.seed)
     report = select(family, scope, args)
     model = family.loss_module(cond_drop_prob=0.1).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -313,13 +328,15 @@ def build_run(args, name: str):
         max_grad_norm=MAX_GRAD_NORM,
         grad_sample_mode=mode,
         noise_multiplicity=k,
-        expected_batch_size=args.batch_size,
+        expected_batch_size=n,
+        max_physical_batch_size=args.batch_size,
         max_steps=MAX_STEPS,
         disable_dp=not private,
     )
-    # dataset_size == expected_batch_size: Poisson rate 1, so every logical batch holds exactly batch_size examples.
-    engine = DPEngine(config=privacy, dataset_size=args.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    # dataset_size == expected_batch_size: Poisson rate 1, so every logical batch holds exactly n examples, split
+    # into physical_batches physical batches of batch_size.
+    engine = DPEngine(config=privacy, dataset_size=n)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=n)
     model_dp, dp_optimizer, train_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, seed=args.seed
     )
@@ -424,6 +441,8 @@ def child(args) -> None:
         grad_sample_mode=mode,
         noise_multiplicity=k,
         batch_size=args.batch_size,
+        physical_batches=args.physical_batches,
+        examples_per_step=args.batch_size * args.physical_batches,
         rows_per_batch=args.batch_size * k,
     )
     timer = Timer(device)
@@ -469,8 +488,8 @@ def child(args) -> None:
         step_seconds_mean=statistics.fmean(totals),
         step_seconds_min=min(totals),
         step_seconds_all=totals,
-        seconds_per_example=median / args.batch_size,
-        seconds_per_row=median / (args.batch_size * k),
+        seconds_per_example=median / (args.batch_size * args.physical_batches),
+        seconds_per_row=median / (args.batch_size * args.physical_batches * k),
         phase_seconds_median={key: statistics.median(v) for key, v in phases.items()},
         peak_rss_mib=peak_rss_mib(),
         engine_steps=run["engine"].steps,
@@ -491,6 +510,7 @@ class Child:
     def __init__(self, args, name: str):
         argv = [sys.executable, os.path.abspath(__file__), "--_child", name]
         argv += ["--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        argv += ["--physical_batches", str(args.physical_batches)]
         argv += ["--device", args.device, "--seed", str(args.seed)]
         if args.model:
             argv += ["--model", args.model]
@@ -605,6 +625,7 @@ def environment(args) -> dict:
         "model": args.model or f"{MODEL_CONFIGS[args.model_config]} (random init)",
         "attention_layers": args.attention_layers,
         "batch_size": args.batch_size,
+        "physical_batches": args.physical_batches,
         "steps": args.steps,
         "warmup": args.warmup,
         "noise_multiplier": NOISE_MULTIPLIER,
@@ -647,11 +668,14 @@ def parent(args) -> dict:
             "memory dp_attention_bookkeeping / nonprivate_attention": ratio(
                 results, "dp_attention_bookkeeping", "nonprivate_attention", key="peak_memory_delta_mib"
             ),
+            "memory K=4 book-keeping / K=4 hooks": ratio(
+                results, "dp_attention_bookkeeping_k4", "dp_attention_hooks_k4", key="peak_memory_delta_mib"
+            ),
         }
     )
     for r in results.values():
         if "step_seconds_min" in r:
-            r["seconds_per_example_min"] = r["step_seconds_min"] / r["batch_size"]
+            r["seconds_per_example_min"] = r["step_seconds_min"] / r["examples_per_step"]
             r["seconds_per_row_min"] = r["seconds_per_example_min"] / r["noise_multiplicity"]
     ratios_min = time_ratios(results, "seconds_per_example_min", "seconds_per_row_min")
     return {
@@ -690,7 +714,7 @@ def parent_families(args) -> dict:
                 if args.device.startswith("cpu") and "error" not in r and "peak_rss_mib" in baseline:
                     r["peak_memory_delta_mib"] = r["peak_rss_mib"] - baseline["peak_rss_mib"]
                 if "step_seconds_min" in r:
-                    r["seconds_per_example_min"] = r["step_seconds_min"] / r["batch_size"]
+                    r["seconds_per_example_min"] = r["step_seconds_min"] / r["examples_per_step"]
             dp, nonpriv = "dp_attention_hooks", "nonprivate_attention"
             families[name] = {
                 "pipeline": FAMILIES[name][1],
@@ -778,6 +802,9 @@ def time_ratios(results: dict, per_example: str, per_row: str) -> dict:
         ),
         "K=4 / K=1 (per example)": ratio(results, "dp_attention_hooks_k4", "dp_attention_hooks", key=per_example),
         "K=4 / K=1 (per row)": ratio(results, "dp_attention_hooks_k4", "dp_attention_hooks", key=per_row),
+        "K=4 / K=1 (per example, book-keeping)": ratio(
+            results, "dp_attention_bookkeeping_k4", "dp_attention_bookkeeping", key=per_example
+        ),
         "dp_projections_hooks / nonprivate_projections": ratio(
             results, "dp_projections_hooks", "nonprivate_projections", key=per_example
         ),
@@ -796,7 +823,8 @@ def print_table(summary: dict) -> None:
         + ("  malloc: retain freed memory" if env.get("retain_freed_memory") else "")
     )
     print(
-        f"model: {env['model']}  batch {env['batch_size']} examples  {env['warmup']} warm-up + {env['steps']} timed "
+        f"model: {env['model']}  batch {env['batch_size']} examples x {env.get('physical_batches', 1)} physical "
+        f"batches per step  {env['warmup']} warm-up + {env['steps']} timed "
         f"steps  load avg {fmt(env['load_average_1m_at_start'], '.2f')} -> {fmt(env['load_average_1m_at_end'], '.2f')}"
     )
     mem_label = "peak mem MiB" if env["device"] == "cpu" else "peak alloc MiB"
@@ -931,7 +959,8 @@ def profile(args) -> None:
             logical_step(run, timer, phases)
         wall = timer.now() - t0
     print(
-        f"{name}: {args.steps} steps of {args.batch_size} examples, {wall / args.steps:.3f} s/step, "
+        f"{name}: {args.steps} steps of {args.batch_size} x {args.physical_batches} examples, "
+        f"{wall / args.steps:.3f} s/step, "
         f"torch threads {torch.get_num_threads()}"
     )
     for key, v in phases.items():

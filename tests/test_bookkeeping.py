@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, reduce_rows, repeat_rows
-from dp_diffusers.privacy.bookkeeping import linear_weight_clipped_sum, linear_weight_norms2
+from dp_diffusers.privacy.bookkeeping import linear_weight_clipped_sum, linear_weight_ghost_norms2
 from dp_diffusers.privacy.grad_sample import DPGradSampleModule
 from dp_diffusers.privacy.optimizers import BookkeepingDPOptimizer, BookkeepingMultiplicityDPOptimizer
 
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 class SeqToy(nn.Module):
-    """Linear layers on token sequences, as in a transformer block: one whose per-example norm is cheaper directly
-    (``inp``: 16 tokens, 2 -> 24), one cheaper as a ghost norm (``mix``: 4 tokens, 96 -> 96), one used twice in the
-    forward pass (``tied``: must fall back to materialised per-sample gradients), a 2-D one (``head``), plus an
-    Embedding, a LayerNorm and a frozen Linear."""
+    """Linear layers on token sequences, as in a transformer block: one whose per-sample gradient is cheaper than
+    its ghost norm (``inp``: 16 tokens, 2 -> 24: materialised), one where the ghost norm is cheaper (``mix``: 4 tokens,
+    96 -> 96: book-keeping), one used twice in the forward pass (``tied``: must fall back to materialised per-sample
+    gradients), a 2-D one (``head``: book-keeping), plus an Embedding, a LayerNorm and a frozen Linear."""
 
     def __init__(self):
         super().__init__()
@@ -66,7 +66,8 @@ def test_norms_and_clipped_sum_equal_materialised_per_sample_gradients(t, d_in, 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, t, d_in, generator=g), torch.randn(5, t, d_out, generator=g)
     per_sample = torch.einsum("nto,nti->noi", b, a)
-    torch.testing.assert_close(linear_weight_norms2(a, b), per_sample.square().sum(dim=(1, 2)), rtol=1e-4, atol=1e-4)
+    expected = per_sample.square().sum(dim=(1, 2))
+    torch.testing.assert_close(linear_weight_ghost_norms2(a, b), expected, rtol=1e-4, atol=1e-4)
     c = torch.rand(5, generator=g)
     torch.testing.assert_close(linear_weight_clipped_sum(a, b, c), torch.einsum("n,noi->oi", c, per_sample))
 
@@ -94,8 +95,10 @@ def test_bookkeeping_step_matches_stock_opacus(k):
         ours_opt.set_num_examples(5)
     ((ours(x, y) - t) ** 2).mean(dim=1).mean().backward()
     shapes = {name: tuple(p.grad_sample.shape) for name, p in ours_model.named_parameters() if p.requires_grad}
-    for name in ("inp.weight", "mix.weight", "head.weight"):
+    bookkept = ("mix.weight", "head.weight") if k == 1 else ("mix.weight",)  # K folds into head's positions
+    for name in bookkept:
         assert shapes[name] == (5,), (name, shapes[name])  # per-example squared norms only
+    assert shapes["inp.weight"] == (5, 24, 2)  # 16 positions: the per-sample gradient is cheaper and smaller
     assert shapes["tied.weight"] == (5, 96, 96)  # used twice: materialised
     assert shapes["mix.bias"] == (5, 96)
     norms = {name: p.grad_sample.clone() for name, p in ours_model.named_parameters() if p.requires_grad}
@@ -108,7 +111,7 @@ def test_bookkeeping_step_matches_stock_opacus(k):
     for p in stock_params:  # the K-row mean per example, by hand
         p.grad_sample = reduce_rows(p.grad_sample, multiplicity=k)
     for name, p in stock_model.named_parameters():
-        if name in ("inp.weight", "mix.weight", "head.weight"):
+        if name in bookkept:
             torch.testing.assert_close(norms[name], p.grad_sample.square().sum(dim=(1, 2)), rtol=1e-4, atol=1e-6)
     clip_factors = 3.0 / (torch.stack([g.reshape(5, -1).norm(dim=1) for g in stock_opt.grad_samples]).norm(dim=0))
     assert (clip_factors < 1).any() and (clip_factors > 1).any()  # C really sits between the examples' norms

@@ -244,7 +244,7 @@ def test_dit_trains_with_ghost_clipping(script, bases, rgb_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------- per-example
 
 
-def engine_vs_loop(model, dataset, randomness) -> None:
+def engine_vs_loop(model, dataset, randomness, *, expect_bookkeeping: bool = False) -> None:
     """The engine's per-sample gradients of ``model`` on ``dataset`` (all N examples in one batch, q = 1) equal the
     gradients of each example's loss alone, with the same latent sample, timestep, noise and dropout."""
     from torch.utils.data import DataLoader
@@ -283,10 +283,10 @@ def engine_vs_loop(model, dataset, randomness) -> None:
             assert got[name].shape[0] == n, name
             torch.testing.assert_close(got[name][i], g, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     batches.close()
-    bookkeeping_step_matches_loop(bookkeeping_model, dataset, randomness, names, loop)
+    bookkeeping_step_matches_loop(bookkeeping_model, dataset, randomness, names, loop, expect_bookkeeping)
 
 
-def bookkeeping_step_matches_loop(model, dataset, randomness, names, loop) -> None:
+def bookkeeping_step_matches_loop(model, dataset, randomness, names, loop, expect_bookkeeping) -> None:
     """grad_sample_mode="bookkeeping" (the default; no per-sample gradient tensors for linear weights): one
     noiseless SGD step (lr 1) equals ``-(1/n) sum_i c_i g_i`` from the loop's per-example gradients ``g_i``, with
     ``c_i = min(1, C / ||g_i||)`` and C between the examples' norms (some clipped, some not)."""
@@ -311,7 +311,8 @@ def bookkeeping_step_matches_loop(model, dataset, randomness, names, loop) -> No
     for batch in engine.physical_batches(loader):
         engine.backward(module(*batch, **randomness))
         bookkept = [p for p in optimizer.params if p.dim() == 2 and p.grad_sample.dim() == 1]
-        assert bookkept  # linear weights carry per-example squared norms [n], not [n, out, in] gradients
+        # linear weights with few positions carry per-example squared norms [n], not [n, out, in] gradients
+        assert bool(bookkept) == expect_bookkeeping
         assert engine.step()
     factors = (c / (norms + 1e-6)).clamp(max=1.0)
     assert (factors < 1).any() and (factors == 1).any()
@@ -331,6 +332,27 @@ def randomness(n: int, latent_shape, *, seed: int = 1) -> dict[str, torch.Tensor
         "noise": torch.randn(n, *latent_shape, generator=g),
         "drop": torch.tensor([i % 3 == 0 for i in range(n)]),  # some rows lose their conditioning
     }
+
+
+def test_class_conditional_per_example_gradients_match_a_loop(tiny_parts):
+    """Ours (TINY): cross-attention keys/values on 4 class tokens and the coarse level's feed-forward layers take
+    book-keeping in the default mode; the clipped step still equals the loop's."""
+    from torch.utils.data import TensorDataset
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.families import ClassConditionalLDM
+    from dp_diffusers.trainable import select_trainable
+
+    family = ClassConditionalLDM(DPLDMPipeline(**tiny_parts))
+    select_trainable(family.unet, embedder=family.embedder)
+    model = family.loss_module(cond_drop_prob=0.0).train()
+    n = 4
+    shape = (family.vae.config.latent_channels, 7, 7)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(n, *shape, generator=g), torch.rand(n, *shape, generator=g) * 0.1, torch.tensor([0, 3, 3, 9])
+    )
+    engine_vs_loop(model, data, randomness(n, shape), expect_bookkeeping=True)
 
 
 def test_text_conditional_per_example_gradients_match_a_loop():

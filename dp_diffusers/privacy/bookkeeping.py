@@ -5,21 +5,24 @@ physical batch), reads them once for the per-example norms and once more for the
 with activations ``a`` ``[B, T, in]`` and backprops ``g`` ``[B, T, out]``, example i's weight gradient is
 ``G_i = g_i^T a_i``, and both things DP-SGD needs come without storing any ``G_i``:
 
-* its squared norm, ``||G_i||^2``: either ``sum((g_i^T a_i)^2)`` (one layer's per-sample gradients, computed and
-  dropped at once) or, when cheaper, the "ghost norm" ``sum((a_i a_i^T) * (g_i g_i^T))`` (``T x T`` Gram matrices;
-  Li et al. 2022), whichever costs fewer multiply-adds (``T*in*out`` vs ``T^2*(in+out)``);
+* its squared norm, ``||G_i||^2 = sum((a_i a_i^T) * (g_i g_i^T))``: the "ghost norm" (Li et al. 2022), from two
+  ``T x T`` Gram matrices, ``T^2 (in + out)`` multiply-adds instead of the ``T in out`` of ``G_i`` itself;
 * the clipped sum, ``sum_i c_i G_i = (c * g)^T a``: one GEMM over all ``B*T`` positions, the cost of the weight
   gradient itself (book-keeping, Bu et al. 2023), from the activations and backprops the hooks hold anyway.
 
-The hooks (``DPGradSampleModule(bookkeeping=True)``, ``grad_sample.py``) therefore store a weight's per-example
-*squared norms* ``[B]`` as its ``grad_sample`` and keep ``(a, g)`` beside it; :class:`BookkeepingMixin` adds them to
-the other parameters' norms, clips, and forms the clipped sum with one GEMM. Biases, norms' affine parameters and
-embeddings keep Opacus' materialised per-sample gradients (they are small). Everything after the clipped sum (noise,
-scaling, the distributed reduction, the accountant) is Opacus' ``DPOptimizer`` unchanged.
+The hooks (``DPGradSampleModule(bookkeeping=True)``, ``grad_sample.py``) use this where it pays, for a weight with
+``T (in + out) < in out`` (then the ghost norm is cheaper than ``G_i``, and the kept ``a_i``, ``g_i`` are smaller than
+``G_i``; e.g. cross-attention keys and values on a few class tokens, feed-forward layers on coarse feature maps):
+they store its per-example *squared norms* ``[B]`` as its ``grad_sample`` and keep ``(a, g)`` beside it;
+:class:`BookkeepingMixin` adds them to the other parameters' norms, clips, and forms the clipped sum with one GEMM.
+Every other parameter keeps Opacus' materialised per-sample gradients, which are then the cheaper and smaller choice
+(Bu et al. call the per-layer choice "mixed ghost norm"). Everything after the clipped sum (noise, scaling, the
+distributed reduction, the accountant) is Opacus' ``DPOptimizer`` unchanged.
 
 Why by hand: Opacus 1.6 has ghost clipping only as a second backward pass over the whole model (``grad_sample_mode
-="ghost"``, which costs about 1.3-1.5x hooks mode here) and no book-keeping. ``tests/test_privacy_engine.py`` checks
-this mode's step against stock Opacus and its per-example gradients against a loop.
+="ghost"``, which costs about 1.5x hooks mode here) and no book-keeping. ``tests/test_bookkeeping.py`` checks this
+mode's step against stock Opacus and hooks mode; ``tests/test_families.py`` checks each model family's clipped step
+against per-example gradients computed by a loop.
 """
 
 from __future__ import annotations
@@ -32,17 +35,12 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 BOOKKEEPING_INPUTS = "_bookkeeping_inputs"
 
 
-def linear_weight_norms2(activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """Per-example squared Frobenius norms ``[B]`` of a linear layer's weight gradients ``g_i^T a_i``.
-
-    ``activations``: ``[B, T, in]``, ``backprops``: ``[B, T, out]`` (T positions per example, summed over).
-    """
-    t, d_in, d_out = activations.shape[1], activations.shape[2], backprops.shape[2]
-    if t * (d_in + d_out) < d_in * d_out:  # ghost norm: two [B, T, T] Gram matrices
-        aa = torch.bmm(activations, activations.transpose(1, 2))
-        gg = torch.bmm(backprops, backprops.transpose(1, 2))
-        return (aa * gg).sum(dim=(1, 2))
-    return torch.bmm(backprops.transpose(1, 2), activations).square().sum(dim=(1, 2))
+def linear_weight_ghost_norms2(activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Per-example squared Frobenius norms ``[B]`` of a linear layer's weight gradients ``g_i^T a_i``, from the
+    ``[B, T, T]`` Gram matrices of ``activations`` ``[B, T, in]`` and ``backprops`` ``[B, T, out]``."""
+    aa = torch.bmm(activations, activations.transpose(1, 2))
+    gg = torch.bmm(backprops, backprops.transpose(1, 2))
+    return (aa * gg).sum(dim=(1, 2))
 
 
 def linear_weight_clipped_sum(

@@ -5,9 +5,11 @@ the sample rate from ``1 / len(data_loader)`` and feeds it to both the sampler a
 intended ``B / N`` only when N is a multiple of B. The parts used: ``prepare_module`` (GradSampleModule: hooks,
 functorch or ghost), the ``DPOptimizer`` family (clipping, noise, distributed reduction), ``DPDataLoader`` (Poisson
 sampling), ``BatchSplittingSampler`` (BatchMemoryManager), an Opacus accountant and its optimizer hook, and
-``DifferentiallyPrivateDistributedDataParallel``. Hand-written: noise multiplicity (``multiplicity.py``), two exact
-shortcuts in the hooks and the optimizer (``grad_sample.py``, ``optimizers.py``: Opacus 1.6 copies every per-sample
-gradient once more than needed and scales gradients in O(tensors^2)), per-module compatibility errors
+``DifferentiallyPrivateDistributedDataParallel``. Hand-written: noise multiplicity (``multiplicity.py``), book-keeping
+clipping of linear weights (``bookkeeping.py``; the default ``grad_sample_mode``), exact shortcuts in the hooks and
+the optimizer (``grad_sample.py``, ``optimizers.py``: Opacus 1.6 copies every per-sample gradient once more than
+needed, lets autograd compute summed gradients it then discards, and scales gradients in O(tensors^2)), per-module
+compatibility errors
 (``compatibility.py``), deadlock-free sharding (``sampling.py``) and the budget guard (``accounting.py``).
 
 Loop::

@@ -20,10 +20,11 @@ is otherwise Opacus' own, line for line:
    multiplicity reduction in ``MultiplicityDPOptimizer`` keeps tensors that already have B rows, and still reduces
    the layers not folded (GroupNorm, Conv: their samplers need the channel at dim 1).
 
-3. **Book-keeping** (``bookkeeping=True``, ``grad_sample_mode="bookkeeping"``): an ``nn.Linear`` weight gets its
-   per-example squared norms ``[B]`` as ``grad_sample`` and keeps its activations and backprops for the clipped sum
-   (``bookkeeping.py``), instead of ``[B, out, in]`` per-sample gradients. A weight used more than once in a forward
-   pass, or whose K noise rows were not folded, takes the materialised path.
+3. **Book-keeping** (``bookkeeping=True``, ``grad_sample_mode="bookkeeping"``): an ``nn.Linear`` weight with fewer
+   positions per example than ``in * out / (in + out)`` gets its per-example squared (ghost) norms ``[B]`` as
+   ``grad_sample`` and keeps its activations and backprops for the clipped sum (``bookkeeping.py``), instead of
+   ``[B, out, in]`` per-sample gradients. Other layers (and a weight used more than once in a forward pass, or whose
+   K noise rows were not folded) take the materialised path, which is then the cheaper and smaller one.
 
 4. **No summed gradient from autograd.** Under DP, Opacus never reads the ``p.grad`` that autograd accumulates for a
    trained parameter (the optimizer builds ``p.grad`` from the clipped per-sample gradients and the noise), yet
@@ -40,6 +41,8 @@ per-example gradients computed by a loop in ``tests/test_privacy_engine.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
@@ -47,7 +50,7 @@ from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_samp
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
-from .bookkeeping import BOOKKEEPING_INPUTS, linear_weight_norms2
+from .bookkeeping import BOOKKEEPING_INPUTS, linear_weight_ghost_norms2
 
 #: Modules whose registered Opacus grad sampler sums over all positions between the batch and the last dimension,
 #: so that folding K rows per example into the position dimension yields the per-example sum over the K rows.
@@ -118,7 +121,7 @@ class DPGradSampleModule(GradSampleModule):
         activations, backprops, k = self._fold(module, activations, backprops)
         scale = scale / k
         rows = backprops.shape[0]  # module.max_batch_len, or B after a fold
-        if self._bookkeeping_applies(module, rows):
+        if self._bookkeeping_applies(module, rows, backprops):
             grad_samples = _bookkeeping_linear(module, activations[0], backprops, scale)
         else:
             if scale != 1:
@@ -144,15 +147,21 @@ class DPGradSampleModule(GradSampleModule):
         if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
             del module.max_batch_len
 
-    def _bookkeeping_applies(self, module: nn.Module, rows: int) -> bool:
+    def _bookkeeping_applies(self, module: nn.Module, rows: int, backprops: torch.Tensor) -> bool:
         """Book-keeping for this backward call of ``module``: an ``nn.Linear`` with a trained weight that is used
-        once in the forward pass (no other call pending, none stored) and, with K > 1, whose rows were folded."""
+        once in the forward pass (no other call pending, none stored), whose K noise rows were folded (K > 1), and
+        where it pays: with T positions per example, the ghost norm costs ``T^2 (in + out)`` and the kept inputs
+        ``T (in + out)`` floats per example, against ``T in out`` and ``in out`` for Opacus' per-sample gradient; book-
+        keeping is used when ``T (in + out) < in out``, i.e. when it is both cheaper and smaller."""
         if not (self.bookkeeping and type(module) is nn.Linear and module.weight.requires_grad):
             return False
         w = module.weight
         if w._forward_counter != 1 or hasattr(w, "_current_grad_sample") or hasattr(w, BOOKKEEPING_INPUTS):
             return False
-        return self.noise_multiplicity == 1 or rows == self._num_examples
+        if self.noise_multiplicity > 1 and rows != self._num_examples:
+            return False
+        positions = math.prod(backprops.shape[1:-1])
+        return positions * (module.in_features + module.out_features) < module.in_features * module.out_features
 
 
 def _params_back(module: nn.Module, _args, _output) -> None:
@@ -167,7 +176,7 @@ def _bookkeeping_linear(module: nn.Linear, activations: torch.Tensor, backprops:
     sum over positions)."""
     a, g = _positions(activations), _positions(backprops)
     setattr(module.weight, BOOKKEEPING_INPUTS, (a, g, scale))
-    grad_samples = {module.weight: linear_weight_norms2(a, g) * scale**2}
+    grad_samples = {module.weight: linear_weight_ghost_norms2(a, g) * scale**2}
     if module.bias is not None and module.bias.requires_grad:
         grad_samples[module.bias] = g.sum(dim=1) * scale
     return grad_samples
