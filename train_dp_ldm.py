@@ -156,8 +156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--grad_sample_mode",
         default="bookkeeping",
         choices=["hooks", "bookkeeping", "functorch", "ghost"],
-        help="Per-example clipping: Opacus hooks; bookkeeping (hooks, but linear weights are clipped from per-example "
-        "norms with no per-sample gradient tensors: less memory); functorch; or Opacus ghost clipping.",
+        help="Per-example clipping. bookkeeping (default): Opacus' hooks, but linear weights that see few positions "
+        "(cross-attention on class tokens, coarse feature maps) are clipped from ghost norms without per-sample "
+        "gradient tensors: same result, least memory. hooks: Opacus' per-sample gradients for every layer. "
+        "functorch: torch.func. ghost: Opacus' two-pass ghost clipping.",
     )
     g.add_argument(
         "--noise_multiplicity",

@@ -850,7 +850,7 @@ def print_table(summary: dict) -> None:
     if env["device"] == "cpu":
         print(
             f"(peak mem = peak RSS of the configuration's process minus that of a process that only builds the model: "
-            f"{fmt(summary['baseline'].get('peak_rss_mib'), '.0f')} MiB; phases: median seconds per step)"
+            f"{fmt(summary['baseline'].get('peak_rss_mib'), '.0f')} MiB; phases: median seconds per physical batch)"
         )
     targets = {
         "dp_attention_hooks / nonprivate_attention": "target <= 1.15",

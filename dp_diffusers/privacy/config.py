@@ -83,9 +83,10 @@ class PrivacyConfig:
         default="bookkeeping",
         metadata={
             "help": "Per-sample gradients: 'hooks' (Opacus' per-layer samplers; every trained layer needs one), "
-            "'bookkeeping' (hooks, but linear weights are clipped from per-example norms and one GEMM, without "
-            "per-sample gradient tensors: less memory), 'functorch' (torch.func for every layer) or 'ghost' (Opacus' "
-            "ghost clipping: a second backward pass; noise_multiplicity must be 1)."
+            "'bookkeeping' (the default: hooks, but linear weights that see few positions are clipped from ghost "
+            "norms and one GEMM, without per-sample gradient tensors: the same step, less memory), 'functorch' "
+            "(torch.func for every layer) or 'ghost' (Opacus' ghost clipping: a second backward pass; "
+            "noise_multiplicity must be 1)."
         },
     )
     noise_multiplicity: int = field(
