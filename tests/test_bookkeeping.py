@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from stock_opacus import stock_opacus_backward
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dp_diffusers.privacy import DPEngine, PrivacyConfig, reduce_rows, repeat_rows
+from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
 from dp_diffusers.privacy.bookkeeping import linear_weight_clipped_sum, linear_weight_ghost_norms2
 from dp_diffusers.privacy.grad_sample import DPGradSampleModule
 from dp_diffusers.privacy.optimizers import BookkeepingDPOptimizer, BookkeepingMultiplicityDPOptimizer
@@ -104,12 +103,7 @@ def test_bookkeeping_step_matches_stock_opacus(k):
     norms = {name: p.grad_sample.clone() for name, p in ours_model.named_parameters() if p.requires_grad}
     ours_opt.step()
 
-    stock = GradSampleModule(stock_model, batch_first=True, loss_reduction="mean")
-    stock_params = [p for p in stock_model.parameters() if p.requires_grad]
-    stock_opt = DPOptimizer(torch.optim.SGD(stock_params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw)
-    ((stock(x, y) - t) ** 2).mean(dim=1).mean().backward()
-    for p in stock_params:  # the K-row mean per example, by hand
-        p.grad_sample = reduce_rows(p.grad_sample, multiplicity=k)
+    stock_opt = stock_opacus_backward(stock_model, x, y, t, multiplicity=k, noise_seed=1, **kw)
     for name, p in stock_model.named_parameters():
         if name in bookkept:
             torch.testing.assert_close(norms[name], p.grad_sample.square().sum(dim=(1, 2)), rtol=1e-4, atol=1e-6)

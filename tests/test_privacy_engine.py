@@ -437,8 +437,7 @@ def test_loop_misuse_and_wrong_loader_are_reported():
 def test_grad_sample_module_and_optimizer_match_stock_opacus(k):
     """DPGradSampleModule + EngineDPOptimizer (no zero-fill copy, K folded into the samplers, scale_grad once) take
     the same clipped, noised step as Opacus' GradSampleModule + DPOptimizer (+ the K-row mean before clipping)."""
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from stock_opacus import stock_opacus_backward
 
     from dp_diffusers.privacy.grad_sample import DPGradSampleModule
     from dp_diffusers.privacy.optimizers import EngineDPOptimizer, MultiplicityDPOptimizer
@@ -467,13 +466,7 @@ def test_grad_sample_module_and_optimizer_match_stock_opacus(k):
         assert rows["conv.weight"] == rows["gn.weight"] == 5 * k
     ours_opt.step()
 
-    stock = GradSampleModule(stock_model, batch_first=True, loss_reduction="mean")
-    stock_params = [p for p in stock_model.parameters() if p.requires_grad]
-    stock_opt = DPOptimizer(torch.optim.SGD(stock_params, lr=0.1), generator=torch.Generator().manual_seed(1), **kw)
-    ((stock(x, y) - t) ** 2).mean(dim=1).mean().backward()
-    for p in stock_params:  # the K-row mean per example, by hand
-        p.grad_sample = reduce_rows(p.grad_sample, multiplicity=k)
-    stock_opt.step()
+    stock_opacus_backward(stock_model, x, y, t, multiplicity=k, noise_seed=1, **kw).step()
 
     for (name, a), b in zip(ours_model.named_parameters(), stock_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
