@@ -130,6 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="As train_dp_ldm.py's flag: train only these attention blocks (e.g. 9-16) in the attention-only "
         "configurations (default: all, as train_dp_ldm.py).",
     )
+    p.add_argument(
+        "--freeze_embedder",
+        action="store_true",
+        help="As train_dp_ldm.py's flag: do not train the class embedder in the attention-only configurations.",
+    )
     p.add_argument("--batch_size", type=int, default=64, help="Examples per physical batch.")
     p.add_argument(
         "--physical_batches",
@@ -173,6 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.physical_batches < 1:
         p.error("--batch_size, --physical_batches and --steps must be >= 1, --warmup >= 0")
     ours_only = args.model or args.model_config != "default" or args.profile or args.attention_layers
+    ours_only = ours_only or args.freeze_embedder
     if args.family != "ours" and ours_only:
         p.error("--model, --model_config, --attention_layers and --profile apply to --family ours only")
     return args
@@ -279,11 +285,12 @@ def select(family, scope: str, args=None):
         )
 
     layers = args.attention_layers if args is not None else None
+    embedder = not (args is not None and args.freeze_embedder)
     if scope == "attention":
         # the paper's (and train_dp_ldm.py's) default: attention blocks + embedder
-        config = TrainableConfig(attention_layers=layers)
+        config = TrainableConfig(attention_layers=layers, train_embedder=embedder)
     elif scope == "projections":
-        config = TrainableConfig(scope="attention_projections", attention_layers=layers)
+        config = TrainableConfig(scope="attention_projections", attention_layers=layers, train_embedder=embedder)
     else:
         config = TrainableConfig(target_modules=r".*")  # every UNet module
     report = select_trainable(family.unet, config=config, embedder=family.embedder)
@@ -517,6 +524,8 @@ class Child:
         argv += ["--model_config", args.model_config]
         if args.attention_layers:
             argv += ["--attention_layers", args.attention_layers]
+        if args.freeze_embedder:
+            argv += ["--freeze_embedder"]
         if args._family:
             argv += ["--_family", args._family]
         if args.release_cpu_memory:
@@ -624,6 +633,7 @@ def environment(args) -> dict:
         "python": platform.python_version(),
         "model": args.model or f"{MODEL_CONFIGS[args.model_config]} (random init)",
         "attention_layers": args.attention_layers,
+        "freeze_embedder": args.freeze_embedder,
         "batch_size": args.batch_size,
         "physical_batches": args.physical_batches,
         "steps": args.steps,
@@ -826,6 +836,8 @@ def print_table(summary: dict) -> None:
         f"model: {env['model']}  batch {env['batch_size']} examples x {env.get('physical_batches', 1)} physical "
         f"batches per step  {env['warmup']} warm-up + {env['steps']} timed "
         f"steps  load avg {fmt(env['load_average_1m_at_start'], '.2f')} -> {fmt(env['load_average_1m_at_end'], '.2f')}"
+        + (f"  attention blocks {env['attention_layers']}" if env.get("attention_layers") else "")
+        + ("  embedder frozen" if env.get("freeze_embedder") else "")
     )
     mem_label = "peak mem MiB" if env["device"] == "cpu" else "peak alloc MiB"
     header = (
