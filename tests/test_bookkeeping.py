@@ -13,7 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
 from dp_diffusers.privacy.bookkeeping import linear_weight_clipped_sum, linear_weight_ghost_norms2
 from dp_diffusers.privacy.grad_sample import DPGradSampleModule
-from dp_diffusers.privacy.optimizers import BookkeepingDPOptimizer, BookkeepingMultiplicityDPOptimizer
+from dp_diffusers.privacy.optimizers import (
+    BookkeepingDPOptimizer,
+    BookkeepingMultiplicityDPOptimizer,
+    EngineDPOptimizer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -170,3 +174,33 @@ def test_autograd_computes_no_summed_gradient_for_trained_parameters(bookkeeping
     with pytest.raises(RuntimeError, match="boom"):
         module(x, y)
     assert {name for name, p in model.named_parameters() if p.requires_grad} == trained
+
+
+def test_bookkeeping_under_bf16_autocast_matches_hooks():
+    """--mixed_precision bf16 (the only mixed precision allowed under DP): bf16 activations and backprops reach the
+    ghost norms and the clipped-sum GEMM; the fp32 step equals hooks mode's within bf16 rounding."""
+    torch.manual_seed(0)
+    base = SeqToy()
+    x, y, t = rows(data(6).tensors, 1)
+    finals = []
+    for bookkeeping in (False, True):
+        model = copy.deepcopy(base)
+        module = DPGradSampleModule(model, bookkeeping=bookkeeping, batch_first=True, loss_reduction="mean")
+        cls = BookkeepingDPOptimizer if bookkeeping else EngineDPOptimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = cls(
+            torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=3.0, expected_batch_size=6,
+            loss_reduction="mean",
+        )  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, y)
+        ((out.float() - t) ** 2).mean(dim=1).mean().backward()
+        if bookkeeping:
+            assert model.mix.weight.grad_sample.shape == (6,) and model.mix.weight.grad_sample.dtype == torch.bfloat16
+        optimizer.step()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, hooks_p in finals[0].items():
+        update = (hooks_p - base.state_dict()[name]).abs().max()
+        assert (finals[1][name] - hooks_p).abs().max() <= 0.01 * update + 1e-6, name
+    assert not torch.equal(finals[1]["mix.weight"], base.mix.weight)
