@@ -76,7 +76,9 @@ class BookkeepingMixin:
             clip_factors = torch.zeros((0,), device=grad_samples[0].device)
         else:
             squares = [
-                g.to(torch.float32) if has_bookkeeping(p) else g.reshape(len(g), -1).to(torch.float32).square().sum(1)
+                g.to(torch.float32)
+                if has_bookkeeping(p)
+                else torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1, dtype=torch.float32).square()
                 for p, g in zip(self.params, grad_samples, strict=True)
             ]
             device = squares[0].device
