@@ -56,7 +56,7 @@ from dp_diffusers.families import (
 )
 from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
-from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
+from dp_diffusers.privacy import GRAD_SAMPLE_MODES, DPEngine, PrivacyConfig, repeat_rows
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
@@ -155,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--grad_sample_mode",
         default="bookkeeping",
-        choices=["hooks", "bookkeeping", "functorch", "ghost"],
+        choices=list(GRAD_SAMPLE_MODES),
         help="Per-example clipping. bookkeeping (default): Opacus' hooks, but linear weights that see few positions "
         "(cross-attention on class tokens, coarse feature maps) are clipped from ghost norms without per-sample "
         "gradient tensors: same result, least memory. hooks: Opacus' per-sample gradients for every layer. "

@@ -204,3 +204,16 @@ def test_bookkeeping_under_bf16_autocast_matches_hooks():
         update = (hooks_p - base.state_dict()[name]).abs().max()
         assert (finals[1][name] - hooks_p).abs().max() <= 0.01 * update + 1e-6, name
     assert not torch.equal(finals[1]["mix.weight"], base.mix.weight)
+
+
+def test_a_module_called_inside_its_own_forward_gets_its_parameters_back():
+    class Recursive(nn.Linear):
+        def forward(self, x, depth: int = 1):
+            y = super().forward(x)
+            return self(y, depth=depth - 1) if depth > 0 else y
+
+    model = nn.Sequential(nn.Linear(3, 3), Recursive(3, 3))
+    module = DPGradSampleModule(model, batch_first=True, loss_reduction="mean")
+    module(torch.randn(4, 3)).sum().backward()
+    assert all(p.requires_grad for p in model.parameters())
+    assert model[1].weight.grad_sample.shape == (4, 3, 3)

@@ -9,8 +9,8 @@ sampling), ``BatchSplittingSampler`` (BatchMemoryManager), an Opacus accountant 
 clipping of linear weights (``bookkeeping.py``; the default ``grad_sample_mode``), exact shortcuts in the hooks and
 the optimizer (``grad_sample.py``, ``optimizers.py``: Opacus 1.6 copies every per-sample gradient once more than
 needed, lets autograd compute summed gradients it then discards, and scales gradients in O(tensors^2)), per-module
-compatibility errors
-(``compatibility.py``), deadlock-free sharding (``sampling.py``) and the budget guard (``accounting.py``).
+compatibility errors (``compatibility.py``), deadlock-free sharding (``sampling.py``) and the budget guard
+(``accounting.py``).
 
 Loop::
 

@@ -1,8 +1,8 @@
-"""Opacus' hooks-based per-sample gradients, with two exact shortcuts that Opacus 1.6 does not take.
+"""Opacus' hooks-based per-sample gradients, with exact shortcuts that Opacus 1.6 does not take.
 
 ``DPGradSampleModule`` is Opacus' ``GradSampleModule`` (same hooks, same registered grad samplers, same
-``grad_sample`` contract for ``DPOptimizer``) with its backward hook rewritten for two cases; the code path
-is otherwise Opacus' own, line for line:
+``grad_sample`` contract for ``DPOptimizer``) with its backward hook rewritten for the cases below and a forward
+pre-hook added (item 4); the code path is otherwise Opacus' own, line for line:
 
 1. **No zero-fill + copy.** Opacus' ``create_or_accumulate_grad_sample`` allocates a zero ``[max_batch_len, ...]``
    buffer and copies each layer's per-sample gradients into it, even when they arrive in one piece of exactly
@@ -35,8 +35,9 @@ is otherwise Opacus' own, line for line:
    its input, and Opacus' hooks see the same activations and backprops. Modules whose inputs need no grad (the
    first trained layer, an embedding's indices) are left as they are.
 
-Why by hand: Opacus exposes no hook for any of these (opacus 1.6.0); both are checked against stock Opacus and against
-per-example gradients computed by a loop in ``tests/test_privacy_engine.py``.
+Why by hand: Opacus exposes no hook for any of these (opacus 1.6.0). They are checked against stock Opacus and against
+per-example gradients computed by a loop in ``tests/test_privacy_engine.py``, ``tests/test_bookkeeping.py`` and
+``tests/test_families.py``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class DPGradSampleModule(GradSampleModule):
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return  # the output would not require grad: no backward hook, no per-sample gradient
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not params:  # already out (a module re-entered inside its own forward): the outer call restores them
+            return
         for p in params:
             p.requires_grad_(False)
         module._dp_params_out_of_graph = params

@@ -9,7 +9,8 @@ sum by K*C while the noise is calibrated for C. DPDM shipped a fork; here the fi
 Where: ``DPOptimizer.clip_and_accumulate`` is the one place that reads ``p.grad_sample`` (through
 ``_get_flat_grad_sample``) to compute per-sample norms and clipped sums. The mixin below replaces each
 ``p.grad_sample`` by its per-example mean over the K rows *before* delegating to it, so the norms, the clipping, the
-``_processed`` bookkeeping and the distributed reduction are all Opacus' own.
+``_processed`` bookkeeping and the distributed reduction are all Opacus' own (in book-keeping mode the norms and the
+clipping are ``BookkeepingMixin``'s, ``bookkeeping.py``, which the mixin below also precedes).
 
 Scaling: with ``loss_reduction="mean"`` GradSampleModule multiplies backprops by the number of rows it saw (B*K), so
 row r of ``p.grad_sample`` is exactly the gradient of row r's loss ``l_r``. The mean over an example's K rows is
@@ -18,7 +19,8 @@ therefore the gradient of its mean-over-K loss, ``(1/K) sum_k l_ik``; Opacus the
 embedding computed once and repeated K times afterwards) sees backprops scaled by B instead, which again yields the
 gradient of the example's mean-over-K loss: such a ``grad_sample`` already has one row per example and is kept. So
 is one that ``DPGradSampleModule`` (``grad_sample.py``) already reduced inside the grad sampler (``nn.Linear``,
-``nn.LayerNorm``, ``nn.Embedding``): the reduction here then only touches the other layers.
+``nn.LayerNorm``, ``nn.Embedding``), and a book-keeping weight's per-example squared norms ``[B]``: the reduction
+here then only touches the other layers.
 """
 
 from __future__ import annotations
