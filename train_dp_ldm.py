@@ -37,6 +37,7 @@ import dp_diffusers
 from dp_diffusers import UserInputError
 from dp_diffusers.atomic import atomic_directory
 from dp_diffusers.checkpointing import (
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
@@ -44,7 +45,7 @@ from dp_diffusers.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset
+from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
 from dp_diffusers.families import (
     DEFAULT_PROMPT_TEMPLATE,
     FamilyOptions,
@@ -56,7 +57,7 @@ from dp_diffusers.families import (
 )
 from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
-from dp_diffusers.privacy import GRAD_SAMPLE_MODES, DPEngine, PrivacyConfig, repeat_rows
+from dp_diffusers.privacy import GRAD_SAMPLE_MODES, DPEngine, PrivacyConfig, format_epsilon, repeat_rows
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
@@ -84,8 +85,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dataset_split", default="train")
     g.add_argument("--image_column", default=None, help="Image column (default: the preset's, or 'image').")
     g.add_argument("--label_column", default=None, help="Label column (default: the preset's, or 'label').")
+    g.add_argument(
+        "--class_names",
+        default=None,
+        help="The label set, as public input: 'ant,bee,cat' or a file with one name per line (integer labels are "
+        "indices into it). Needed when the label column is not a datasets ClassLabel: a label set read from the "
+        "private labels would leak which classes occur.",
+    )
     g.add_argument("--output_dir", default="dp-ldm-output", help="Where the private pipeline is written.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, sampling order and noise.")
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Train into an output folder that holds a finished run or another run's checkpoints (they are "
+        "removed first). A second release from the same private data adds to the privacy cost; the card says so.",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the loss-side randomness (initialisation, timesteps, diffusion noise, label dropout) and the "
+        "sample grids. The DP noise and the Poisson sampling never use it: they come from the OS's entropy.",
+    )
 
     g = p.add_argument_group("what trains (everything else is frozen)")
     g.add_argument(
@@ -168,6 +188,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="K noise draws per example, averaged before clipping (DPDM); privacy cost unchanged.",
     )
     g.add_argument("--disable_dp", action="store_true", help="NON-PRIVATE baseline: no clipping, no noise.")
+    g.add_argument(
+        "--insecure_reproducible_noise",
+        action="store_true",
+        help="Debugging only: draw the DP noise and the Poisson sampling from --seed, so that the run can be "
+        "replayed. Anyone who knows the seed can replay it too: NOT a valid DP release (the card says so, and "
+        "--push_to_hub refuses it without --allow_non_private_push).",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=256, help="Logical (expected) batch size, in examples.")
@@ -211,6 +238,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker: tensorboard, wandb, all or none.")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument(
+        "--log_private_loss",
+        action="store_true",
+        help="Also show and log the training loss. It is computed from private data without noise, so it is NOT "
+        "covered by the guarantee: the card says so, and logs are never pushed. Default: steps, epsilon, speed.",
+    )
+    g.add_argument(
         "--mixed_precision",
         default="no",
         choices=["no", "bf16"],
@@ -219,7 +252,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
-    g.add_argument("--allow_non_private_push", action="store_true", help="Allow pushing a --disable_dp model.")
+    g.add_argument(
+        "--allow_non_private_push",
+        action="store_true",
+        help="Allow pushing a model that is not a valid DP release (--disable_dp, --insecure_reproducible_noise).",
+    )
     g.add_argument(
         "--release_cpu_memory",
         action="store_true",
@@ -240,6 +277,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num_inference_steps must be >= 1")
     if args.push_to_hub and args.disable_dp and not args.allow_non_private_push:
         p.error("--push_to_hub refuses a NON-PRIVATE model (--disable_dp); add --allow_non_private_push to insist.")
+    if args.push_to_hub and args.insecure_reproducible_noise and not args.allow_non_private_push:
+        p.error(
+            "--push_to_hub refuses a model whose noise is reproducible from the seed (--insecure_reproducible_noise): "
+            "it is NOT a valid DP release; add --allow_non_private_push to insist."
+        )
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        p.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one of them.")
     return args
 
 
@@ -273,6 +317,13 @@ def main(args: argparse.Namespace) -> None:
         logger.warning(
             "=" * 30 + " NOT DIFFERENTIALLY PRIVATE: --disable_dp trains a non-private baseline " + "=" * 30
         )
+    elif args.insecure_reproducible_noise:
+        logger.warning(
+            "=" * 20 + " NOT A VALID DP RELEASE: --insecure_reproducible_noise draws the DP noise and the sampling "
+            "from --seed; anyone who knows it can replay the run " + "=" * 20
+        )
+    previous_release = claim_output_dir(output_dir, args, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- public model family
     check_base_model(args.pretrained_model_name_or_path, args.dataset_name)  # refuses a base that saw this data
@@ -286,7 +337,11 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
     loaded = load_image_dataset(
-        args.dataset_name, split=args.dataset_split, image_column=args.image_column, label_column=args.label_column
+        args.dataset_name,
+        split=args.dataset_split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        class_names=parse_class_names(args.class_names),
     )
     if family.needs_labels and loaded.label_column is None:
         raise UserInputError(f"A {family.name} model needs labels: pass --label_column.")
@@ -295,6 +350,11 @@ def main(args: argparse.Namespace) -> None:
     logger.info(
         f"Private data: {loaded.source}, {len(private_set)} images, converted to {family.channels}x"
         f"{family.resolution}x{family.resolution} (the base model's input)"
+        + (
+            f"; label set ({len(loaded.id2label)} classes, public) from {loaded.label_set_source}"
+            if loaded.id2label
+            else ""
+        )
     )
     encoded = family.encode(private_set, device=accelerator.device, progress=accelerator.is_local_main_process)
     family.adopt_labels(loaded.id2label)
@@ -371,6 +431,8 @@ def main(args: argparse.Namespace) -> None:
         if ema is not None and ema_tensors is not None:
             ema.shadow_params = [ema_tensors[n].to(p.device) for n, p in zip(names, params, strict=True)]
             ema.optimization_step = int(start_state.get("ema_step", engine.steps))
+        # Loss-side randomness only (timesteps, diffusion noise, label dropout): the DP noise and the Poisson masks
+        # come from fresh OS entropy on every (re)start and are in no checkpoint.
         set_rng_state(start_state["rng"][min(accelerator.process_index, len(start_state["rng"]) - 1)])
         logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
 
@@ -379,7 +441,8 @@ def main(args: argparse.Namespace) -> None:
         module=model,
         optimizer=optimizer,
         data_loader=loader,
-        seed=args.seed * 1_000_003 + engine.steps,  # fresh sampling randomness after a resume, never a replay
+        # None: the noise and the Poisson masks come from OS entropy (dp_diffusers/privacy/randomness.py).
+        seed=args.seed * 1_000_003 + engine.steps if args.insecure_reproducible_noise else None,
     )
     if accelerator.is_main_process:
         accelerator.init_trackers("dp-ldm", config=_scalars(public_args(args)))
@@ -404,23 +467,31 @@ def main(args: argparse.Namespace) -> None:
     running = None
     while not engine.finished:
         for batch in engine.physical_batches(loader):
-            rows = repeat_rows([t.to(accelerator.device) for t in batch], args.noise_multiplicity)
-            with accelerator.autocast():
-                loss = model_dp(*rows)
+            if engine.batch_is_empty:  # an empty Poisson draw: the step adds noise only, and counts
+                loss = None
+            else:
+                rows = repeat_rows([t.to(accelerator.device) for t in batch], args.noise_multiplicity)
+                with accelerator.autocast():
+                    loss = model_dp(*rows)
             engine.backward(loss)
             if not engine.step():
                 continue
             lr_scheduler.step()
             if ema is not None:
                 ema.step(params)
-            if loss.numel():
+            if args.log_private_loss and loss is not None and loss.numel():  # NOT covered by the DP guarantee
                 running = loss.mean().item() if running is None else 0.9 * running + 0.1 * loss.mean().item()
             bar.update(1)
             step = engine.steps
             if step % 10 == 0 or engine.finished:
                 eps = engine.epsilon
-                bar.set_postfix(loss=f"{running:.4f}" if running else "-", eps="n/a" if eps is None else f"{eps:.3f}")
-                accelerator.log({"loss": running, "epsilon": eps, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+                shown = {"eps": "n/a" if eps is None else format_epsilon(eps, digits=4)}
+                logged = {"epsilon": eps, "lr": lr_scheduler.get_last_lr()[0]}
+                if args.log_private_loss:
+                    shown["loss"] = f"{running:.4f}" if running else "-"
+                    logged["private_loss_not_dp"] = running
+                bar.set_postfix(shown)
+                accelerator.log(logged, step=step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 _checkpoint(output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler)
                 prune_checkpoints(output_dir, keep=args.checkpoints_total_limit)
@@ -461,7 +532,20 @@ def main(args: argparse.Namespace) -> None:
         **family.describe(),
         dp_ldm_version=dp_diffusers.__version__,
         train_seconds=round(seconds, 1),
+        label_set=None
+        if not loaded.id2label
+        else {
+            "classes": len(loaded.id2label),
+            "declared_by": loaded.label_set_source,
+            "treated_as": "public (declared, never read from the private labels)",
+        },
+        private_loss_logged=bool(args.log_private_loss),
+        previous_release=previous_release,
     )
+    if args.disable_dp:
+        summary["valid_dp_release"] = False
+    else:
+        summary["valid_dp_release"] = bool(summary["randomness"]["valid_dp_release"])
     pipe = family.pipeline()
     pipe.set_progress_bar_config(disable=True)
     with atomic_directory(output_dir / ".final") as tmp:
@@ -484,22 +568,83 @@ def main(args: argparse.Namespace) -> None:
                 args.hub_model_id or str(output_dir), lora=(summary.get("lora") or {}).get("format") == "diffusers"
             ),
         ).save(tmp / "README.md")
+        released = sorted(item.name for item in tmp.iterdir())
     _publish(output_dir / ".final", output_dir)
     eps = summary["epsilon"]
     logger.info(
         f"Wrote {output_dir}: {engine.steps} steps in {seconds:.0f}s, "
-        + ("NOT private" if eps is None else f"epsilon={eps:.4f} at delta={summary['delta']:g}")
+        + ("NOT private" if eps is None else f"epsilon={format_epsilon(eps, digits=5)} at delta={summary['delta']:g}")
     )
     if args.push_to_hub:
         try:
-            _push(args, output_dir)
+            _push(args, output_dir, released)
         except Exception as e:  # the model is saved; the user needs the reason and the way to retry, not a trace
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            include = " ".join(f'"{name}/*"' if (output_dir / name).is_dir() else f'"{name}"' for name in released)
             raise UserInputError(
-                f"Push to the Hub failed ({first}); the model is saved in {output_dir}: upload it "
-                f"with `hf upload {args.hub_model_id or output_dir.name} {output_dir}`."
+                f"Push to the Hub failed ({first}); the model is saved in {output_dir}. Upload the release only "
+                f"(never checkpoints or logs): `hf upload {args.hub_model_id or output_dir.name} {output_dir} "
+                f"--include {include}`."
             ) from e
     accelerator.end_training()
+
+
+#: What a finished run writes into its output folder besides the pipeline's component folders.
+RELEASE_FILES = (
+    "model_index.json",
+    "privacy.json",
+    "training_args.json",
+    "README.md",
+    "samples.png",
+    "pytorch_lora_weights.safetensors",
+    "dp_lora_adapter.safetensors",
+)
+
+
+def claim_output_dir(output_dir: Path, args, *, is_main: bool) -> dict | None:
+    """Refuses to train into a folder that holds a finished run (its ``privacy.json``: a second model from the same
+    data would be a second release) or another run's checkpoints, unless ``--overwrite_output_dir``; then clears
+    that run (main process) and returns what the earlier release spent, for the new card."""
+    finished = (output_dir / "privacy.json").is_file()
+    checkpoints = list_checkpoints(output_dir)
+    if not args.overwrite_output_dir:
+        if finished:
+            raise UserInputError(
+                f"{output_dir} holds a finished run (privacy.json): training into it again, or resuming it, would "
+                "release a second model from the same private data. Choose a new --output_dir, or pass "
+                "--overwrite_output_dir (the new card then says that the earlier release adds to the privacy cost)."
+            )
+        if checkpoints and not args.resume_from_checkpoint:
+            raise UserInputError(
+                f"{output_dir} holds checkpoints of another run ({checkpoints[-1].name}): continue it with "
+                "--resume_from_checkpoint=latest, or start over with --overwrite_output_dir."
+            )
+        return None
+    previous = None
+    if finished:
+        try:
+            old = json.loads((output_dir / "privacy.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        previous = {key: old.get(key) for key in ("epsilon", "delta", "steps", "private", "private_data")}
+    if is_main:
+        components = []
+        try:
+            components = [
+                k for k in json.loads((output_dir / "model_index.json").read_text()) if not k.startswith("_")
+            ]
+        except (OSError, ValueError):
+            pass
+        for path in [*checkpoints, output_dir / ".final", output_dir / "validation", output_dir / args.logging_dir]:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in components:
+            if (output_dir / name).is_dir():
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+        for name in RELEASE_FILES:
+            (output_dir / name).unlink(missing_ok=True)
+        if finished or checkpoints:
+            logger.warning(f"--overwrite_output_dir: removed the earlier run in {output_dir}.")
+    return previous
 
 
 def _target_modules(values: list[str] | None) -> str | list[str] | None:
@@ -552,7 +697,9 @@ def _publish(final: Path, output_dir: Path) -> None:
     final.rmdir()
 
 
-def _push(args, output_dir: Path) -> None:
+def _push(args, output_dir: Path, released: list[str]) -> None:
+    """Uploads exactly the released files (the pipeline, card, privacy.json, grid): never checkpoints, logs or the
+    validation grids of intermediate steps."""
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = args.hub_model_id or output_dir.name
@@ -562,7 +709,7 @@ def _push(args, output_dir: Path) -> None:
         folder_path=output_dir,
         token=args.hub_token,
         commit_message="DP-LDM: private fine-tune (see privacy.json)",
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", ".*"],
+        allow_patterns=[f"{name}/**" if (output_dir / name).is_dir() else name for name in released],
     )
     logger.info(f"Pushed to https://huggingface.co/{repo_id}")
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .privacy.accounting import format_epsilon
+
+
+def _short(value, *, digits: int = 4) -> str:
+    """A number for people (the card); ``privacy.json`` keeps full precision."""
+    return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
 PUBLIC_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -74,9 +82,13 @@ PRIVATE_TEMPLATE = """---
 
 # {{ model_name }}
 
-{% if private %}**Differentially private:** ({{ "%.3g"|format(epsilon) }}, {{ "%.3g"|format(delta) }})-DP with
+{% if private and not valid_release %}**NOT A VALID DP RELEASE: noise reproducible from the seed.** This run drew
+its DP noise and Poisson sampling from its seed (`--insecure_reproducible_noise`, for debugging): anyone who knows
+the seed can replay training and remove the noise. The ({{ epsilon_str }}, {{ delta_str }}) below is what the
+accountant computed for the mechanism, not a guarantee this model has.
+{% elif private %}**Differentially private:** ({{ epsilon_str }}, {{ delta_str }})-DP with
 respect to {{ unit }} of the private training set, computed by Opacus' `{{ accountant }}` accountant from the
-noise multiplier, sample rate and number of steps that actually ran.
+noise multiplier, sample rate and number of steps that actually ran (epsilon rounded up).
 {% else %}**NOT differentially private.** This is a non-private baseline (`--disable_dp`): it memorises and can
 leak its training images. Do not publish it where DP is expected.
 {% endif %}
@@ -90,15 +102,19 @@ DP-SGD{% endif %}.
 | | |
 |---|---|
 | private | {{ private }} |
-| epsilon (spent) | {{ epsilon_str }} |
+| epsilon (spent, rounded up) | {{ epsilon_str }} |
 | target epsilon | {{ target_epsilon }} |
-| delta | {{ delta }} |
+| delta | {{ delta_str }}{% if delta_defaulted %} (default from N: the largest power of ten <= 1/(10 N), \
+at most 1e-5){% endif %} |
 | accountant | {{ accountant }} |
-| noise multiplier (sigma) | {{ noise_multiplier }} |
+| noise multiplier (sigma) | {{ sigma_str }} |
 | max grad norm (C, per-example flat clipping) | {{ max_grad_norm }} |
-| sampling | {% if private %}Poisson, {% endif %}sample rate q = {{ sample_rate }} (expected batch \
-{{ expected_batch_size }} of {{ dataset_size }}) |
-| steps / epochs | {{ steps }} / {{ epochs }} |
+| sampling | {% if private %}Poisson, {% endif %}sample rate q = {{ q_str }} (expected batch \
+{{ expected_batch_size }} of N = {{ dataset_size }}) |
+| steps / epochs | {{ steps }} / {{ epochs_str }} |
+{% if randomness %}| noise drawn from | {{ randomness.noise_source }}; {{ randomness.gaussian_sampling }} |
+| Poisson sampling drawn from | {{ randomness.sampling_source }} |
+{% endif -%}
 | noise multiplicity | {{ noise_multiplicity }} |
 | processes | {{ world_size }} |
 | DP library | {{ dp_library }} |
@@ -117,10 +133,22 @@ DP-SGD{% endif %}.
 - Protected: whether any single training image was in the private set. The guarantee covers the released weights
   and anything computed from them (samples, EMA: post-processing).
 - Not protected: properties shared by many images of the private set (that is what the model learns), and the
-  public data. Labels are treated as part of the example.
-- Hyper-parameters: {{ tuning }}
+  public data. Each example's label is part of the example.
+- Treated as public, as is standard for Poisson sampling under add/remove-one adjacency: the dataset size
+  N = {{ dataset_size }} (the sample rate{% if delta_defaulted %} and the default delta{% endif %} depend on it).
+{% if label_set %}- Treated as public: the label set ({{ label_set.classes }} class names). It comes from
+  {{ label_set.declared_by }}, never from the private labels.
+{% endif %}{% if private_loss_logged %}- NOT covered: the training loss was logged during training
+  (`--log_private_loss`). It is computed from the private data without noise; the logs are not part of this
+  release and must not be published.
+{% endif %}{% if previous_release %}- An earlier release trained on the same private data was written to this
+  folder before this run (epsilon {{ previous_epsilon_str }}): anyone who has seen both models has seen both
+  runs, and their privacy costs add up (composition), to at least epsilon {{ previous_epsilon_str }} +
+  {{ epsilon_str }}.
+{% endif %}- Hyper-parameters: {{ tuning }}
 - Bad randomness, a wrong dataset size or a code change after training would void the guarantee; the numbers above
-  are exactly those the run used (`privacy.json`).
+  are exactly those the run used (`privacy.json`).{% if valid_release %} The noise and the sampling masks are
+  secret: no seed or generator state that could replay them is in any output or checkpoint.{% endif %}
 
 ## Usage
 ```python
@@ -149,9 +177,12 @@ def private_model_card(
 
     ``description`` says what the model is; ``usage`` is Python that loads it (default: ``DPLDMPipeline``)."""
     private = bool(privacy["private"])
+    valid_release = private and privacy.get("valid_dp_release", True) is not False
     tags = ["diffusers", "differential-privacy", "dp-ldm", "latent-diffusion"]
     if not private:
         tags.append("not-differentially-private")
+    elif not valid_release:
+        tags.append("not-a-valid-dp-release")
     metadata = {
         key: privacy.get(key)
         for key in (
@@ -166,8 +197,10 @@ def private_model_card(
             "noise_multiplicity",
             "dataset_size",
             "unit_of_privacy",
+            "valid_dp_release",
         )
     }
+    previous = privacy.get("previous_release") or None
     data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
@@ -181,7 +214,15 @@ def private_model_card(
     values = dict(privacy)
     values.update(
         model_name=model_name,
-        epsilon_str="n/a (not private)" if privacy.get("epsilon") is None else f"{privacy['epsilon']:.4g}",
+        epsilon_str="n/a (not private)" if privacy.get("epsilon") is None else format_epsilon(privacy["epsilon"]),
+        delta_str=format_epsilon(privacy.get("delta"), digits=3),
+        delta_defaulted=privacy.get("delta_source") == "default",
+        sigma_str=_short(privacy.get("noise_multiplier")),
+        q_str=_short(privacy.get("sample_rate")),
+        epochs_str=_short(privacy.get("epochs"), digits=3),
+        valid_release=valid_release,
+        previous_release=previous,
+        previous_epsilon_str="n/a" if previous is None else format_epsilon(previous.get("epsilon")),
         unit=privacy.get("unit_of_privacy", "one training image"),
         dp_library=f"{lib.get('name', '')} {lib.get('version', '')}".strip() or "none",
         trained_modules=", ".join(f"`{m}`" for m in privacy.get("trained_modules", [])),

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -45,3 +46,29 @@ def mnist_dir():
     if not (MNIST_DIR / "train.parquet").exists():
         pytest.skip("../shared/datasets/mnist is not available on this machine")
     return MNIST_DIR
+
+
+# ---------------------------------------------------------------- train_dp_ldm.py end to end (shared by its tests)
+
+TRAIN_SCRIPT = REPO / "train_dp_ldm.py"
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="session")
+def script():
+    spec = importlib.util.spec_from_file_location("train_dp_ldm", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.models.configs import TINY, build_class_conditional_ldm
+
+    torch.manual_seed(0)
+    parts = build_class_conditional_ldm(TINY, id2label=dict(enumerate(DIGIT_NAMES)))
+    path = tmp_path_factory.mktemp("tiny-base") / "model"
+    DPLDMPipeline(**parts).save_pretrained(path)
+    return path

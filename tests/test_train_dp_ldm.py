@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -188,26 +187,6 @@ def assert_token_absent(folder: Path, *texts: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def script():
-    spec = importlib.util.spec_from_file_location("train_dp_ldm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def base_model(tmp_path_factory) -> Path:
-    from dp_diffusers import DPLDMPipeline
-    from dp_diffusers.models.configs import TINY, build_class_conditional_ldm
-
-    torch.manual_seed(0)
-    parts = build_class_conditional_ldm(TINY, id2label=dict(enumerate(DIGIT_NAMES)))
-    path = tmp_path_factory.mktemp("tiny-base") / "model"
-    DPLDMPipeline(**parts).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from .loading import (
     as_torch_dataset,
     image_transform,
     load_image_dataset,
+    parse_class_names,
 )
 from .printed_digits import PRINTED_DIGITS_FONTS, make_printed_digits, render_digit
 from .sklearn_digits import load_sklearn_digits
@@ -23,5 +24,6 @@ __all__ = [
     "load_image_dataset",
     "load_sklearn_digits",
     "make_printed_digits",
+    "parse_class_names",
     "render_digit",
 ]

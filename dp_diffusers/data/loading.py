@@ -118,6 +118,8 @@ class LoadedDataset:
     id2label: dict[int, str]
     source: str
     preset: DatasetPreset | None = None
+    #: Where the label set (``id2label``) was declared; it is treated as public (never read from private labels).
+    label_set_source: str | None = None
 
 
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -231,39 +233,85 @@ def _ensure_image_feature(dataset: datasets.Dataset, column: str, *, source: str
 
 
 def _encode_labels(
-    dataset: datasets.Dataset, column: str, *, source: str, class_names: tuple[str, ...] | None
-) -> tuple[datasets.Dataset, dict[int, str]]:
-    """Makes ``column`` a ``ClassLabel`` with ids 0..n-1; returns the data set and ``id2label``."""
+    dataset: datasets.Dataset, column: str, *, source: str, class_names: tuple[str, ...] | None, declared_by: str
+) -> tuple[datasets.Dataset, dict[int, str], str]:
+    """Makes ``column`` a ``ClassLabel`` over a *declared* label set; returns the data set, ``id2label`` and where
+    the label set came from.
+
+    The label set is public input, never computed from the private data: which classes occur, and so which id each
+    class gets, would otherwise change when one example is added or removed (one example of a rare class renumbers
+    every class after it), and ``id2label`` is published with the model. It comes from the column's own ``ClassLabel``
+    feature (a schema, e.g. ``imagefolder``'s folder names), a boolean column, or ``class_names`` (a preset's or the
+    caller's, ``declared_by``). Integer labels are ids into ``class_names``; string labels are names in it.
+    """
     feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
-        return dataset, dict(enumerate(feature.names))
+        if class_names is not None and list(class_names) != list(feature.names):
+            raise UserInputError(
+                f"dataset '{source}' declares the classes {list(feature.names)} in column '{column}', but "
+                f"{declared_by} says {list(class_names)}: drop --class_names or make them equal."
+            )
+        return dataset, dict(enumerate(feature.names)), "the dataset's ClassLabel feature (its declared schema)"
     if not isinstance(feature, datasets.Value) or not (
         feature.dtype in ("bool", "string", "large_string") or feature.dtype.startswith(("int", "uint", "float"))
     ):
         raise UserInputError(
             f"column '{column}' of dataset '{source}' holds {feature}, not class labels; pass --label_column=..."
         )
+    if feature.dtype == "bool":
+        names = list(class_names) if class_names is not None else ["False", "True"]
+        if len(names) != 2:
+            raise UserInputError(f"the boolean column '{column}' has 2 classes, but {declared_by} names {len(names)}.")
+        origin = "the boolean column's two values" if class_names is None else declared_by
+    elif class_names is None:
+        raise UserInputError(
+            f"label column '{column}' of dataset '{source}' declares no label set (it is not a datasets ClassLabel), "
+            "and reading one from the private labels would leak which classes occur: declare the classes with "
+            "--class_names=name0,name1,... (or a file, one name per line; integer labels are indices into it)."
+        )
+    else:
+        names, origin = list(class_names), declared_by
     values = dataset.select_columns([column]).with_format("arrow")[:][column].to_pylist()
     if any(v is None for v in values):
         raise UserInputError(f"label column '{column}' of dataset '{source}' has missing values.")
-    uniques = sorted(set(values))
     if feature.dtype == "bool":
-        uniques = [False, True]
-    elif feature.dtype.startswith("float"):
-        if not all(float(v).is_integer() for v in uniques):
+        ids = [int(v) for v in values]
+    elif feature.dtype in ("string", "large_string"):
+        lookup = {name: i for i, name in enumerate(names)}
+        ids = [lookup.get(v, -1) for v in values]
+    else:
+        if feature.dtype.startswith("float") and not all(float(v).is_integer() for v in values):
             raise UserInputError(
                 f"column '{column}' of dataset '{source}' holds non-integer numbers, not class labels; "
                 "pass --label_column=..."
             )
-        uniques = sorted({int(v) for v in uniques})
-        values = [int(v) for v in values]
-    lookup = {v: i for i, v in enumerate(uniques)}
-    names = [str(v) for v in uniques]
-    if class_names is not None and len(class_names) == len(names):
-        names = list(class_names)
-    ids = np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+        ids = [int(v) if 0 <= v < len(names) else -1 for v in values]
+    outside = sum(i < 0 for i in ids)
+    if outside:
+        kind = "names" if feature.dtype in ("string", "large_string") else f"ids 0..{len(names) - 1}"
+        raise UserInputError(
+            f"{outside} example(s) of dataset '{source}' have a label outside the {len(names)} declared classes "
+            f"({kind} of {declared_by}): fix the labels or the class names."
+        )
+    ids = np.asarray(ids, dtype=np.int64)
     dataset = dataset.remove_columns([column]).add_column(column, ids, feature=datasets.ClassLabel(names=names))
-    return dataset, dict(enumerate(names))
+    return dataset, dict(enumerate(names)), origin
+
+
+def parse_class_names(spec: str | None) -> tuple[str, ...] | None:
+    """``"ant,bee,cat"`` or the path of a text file with one name per line -> ``("ant", "bee", "cat")``."""
+    if spec is None or not str(spec).strip():
+        return None
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = [part.strip() for part in str(spec).split(",")]
+    if not names or any(not n for n in names):
+        raise UserInputError(f"--class_names={spec!r}: give non-empty names separated by commas, or a file.")
+    if len(set(names)) != len(names):
+        raise UserInputError(f"--class_names={spec!r} names a class twice.")
+    return tuple(names)
 
 
 def load_image_dataset(
@@ -272,6 +320,7 @@ def load_image_dataset(
     split: str = "train",
     image_column: str | None = None,
     label_column: str | None = None,
+    class_names: tuple[str, ...] | list[str] | None = None,
     num_printed_digits: int = 10000,
     seed: int = 0,
 ) -> LoadedDataset:
@@ -288,7 +337,9 @@ def load_image_dataset(
 
     ``image_column`` and ``label_column`` override the preset's (default: ``image``/``img`` or the first image
     column, and ``label``/``labels`` or the first ``ClassLabel`` column; no label column means unconditional).
-    String, boolean or integer labels are mapped to ids 0..n-1 in sorted order, recorded in ``id2label``.
+    The label set is declared, never read from the private labels: a ``ClassLabel`` column (``imagefolder``'s
+    folder names included), a boolean column, a preset's names, or ``class_names`` (integer labels index it, string
+    labels are names in it); a plain column without one is refused. ``id2label`` holds it.
     Every failure the user can fix raises a one-line ``UserInputError``.
     """
     preset = None
@@ -347,12 +398,23 @@ def load_image_dataset(
     if label_column is None:
         label_column = preset.label_column if preset is not None else _guess_label_column(dataset)
     id2label: dict[int, str] = {}
+    label_set_source = None
     if label_column is not None:
         _check_column(dataset, label_column, source=source, flag="label_column")
         if label_column == image_column:
             raise UserInputError(f"the label column '{label_column}' is the image column; pass --label_column=...")
-        class_names = preset.class_names if preset is not None and label_column == preset.label_column else None
-        dataset, id2label = _encode_labels(dataset, label_column, source=source, class_names=class_names)
+        declared_by = "class_names (--class_names)"
+        if class_names is None and preset is not None and label_column == preset.label_column:
+            class_names, declared_by = preset.class_names, f"the preset '{preset.name}'"
+        dataset, id2label, label_set_source = _encode_labels(
+            dataset,
+            label_column,
+            source=source,
+            class_names=tuple(class_names) if class_names is not None else None,
+            declared_by=declared_by,
+        )
+    elif class_names is not None:
+        raise UserInputError(f"class names were given, but dataset '{source}' has no label column (--label_column).")
 
     return LoadedDataset(
         dataset=dataset,
@@ -361,6 +423,7 @@ def load_image_dataset(
         id2label=id2label,
         source=source,
         preset=preset,
+        label_set_source=label_set_source,
     )
 
 

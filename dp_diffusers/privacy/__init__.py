@@ -7,8 +7,10 @@ from .accounting import (
     ACCOUNTANTS,
     EpsilonBudget,
     calibrate_noise,
+    ceil_epsilon,
     compute_sample_rate,
     epsilon_after,
+    format_epsilon,
     make_accountant,
     plan_steps,
     steps_per_epoch,
@@ -19,6 +21,7 @@ from .config import FLAGS, GRAD_SAMPLE_MODES, PrivacyConfig, default_delta
 from .engine import DPEngine
 from .multiplicity import NoiseMultiplicityMixin, reduce_rows, repeat_rows
 from .optimizers import DistributedMultiplicityDPOptimizer, MultiplicityDPOptimizer
+from .randomness import RandomnessSource
 
 __all__ = [
     "ACCOUNTANTS",
@@ -30,12 +33,15 @@ __all__ = [
     "MultiplicityDPOptimizer",
     "NoiseMultiplicityMixin",
     "PrivacyConfig",
+    "RandomnessSource",
     "calibrate_noise",
+    "ceil_epsilon",
     "check_trainable_modules",
     "compute_sample_rate",
     "default_delta",
     "epsilon_after",
     "find_incompatible_modules",
+    "format_epsilon",
     "make_accountant",
     "plan_steps",
     "reduce_rows",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from decimal import ROUND_CEILING, Decimal
 
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -214,3 +215,22 @@ class EpsilonBudget:
         """The largest step count within budget (evaluates the accountant O(log L) times)."""
         self._locate(self._safe + 1)
         return self._safe
+
+
+def ceil_epsilon(epsilon: float, *, digits: int = 4) -> float:
+    """``epsilon`` rounded UP to ``digits`` significant digits: a shortened epsilon must never understate the
+    privacy cost (9.9926 -> 9.993, not 9.99). Decimal arithmetic, so that a value already short stays as it is."""
+    if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
+        return epsilon
+    value = Decimal(repr(float(epsilon)))
+    exponent = value.adjusted() - digits + 1
+    return float(value.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_CEILING))
+
+
+def format_epsilon(epsilon: float | None, *, digits: int = 4) -> str:
+    """``epsilon`` for people: rounded up to ``digits`` significant digits (``ceil_epsilon``), no trailing zeros."""
+    if epsilon is None:
+        return "n/a"
+    if not math.isfinite(epsilon):
+        return str(epsilon)
+    return f"{ceil_epsilon(epsilon, digits=digits):.{digits}g}"

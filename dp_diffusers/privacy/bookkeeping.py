@@ -37,7 +37,9 @@ BOOKKEEPING_INPUTS = "_bookkeeping_inputs"
 
 def linear_weight_ghost_norms2(activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-example squared Frobenius norms ``[B]`` of a linear layer's weight gradients ``g_i^T a_i``, from the
-    ``[B, T, T]`` Gram matrices of ``activations`` ``[B, T, in]`` and ``backprops`` ``[B, T, out]``."""
+    ``[B, T, T]`` Gram matrices of ``activations`` ``[B, T, in]`` and ``backprops`` ``[B, T, out]``. In float32
+    whatever their dtype: bf16 Gram matrices let a clipped contribution exceed C by ~5e-4 relative."""
+    activations, backprops = activations.float(), backprops.float()
     aa = torch.bmm(activations, activations.transpose(1, 2))
     gg = torch.bmm(backprops, backprops.transpose(1, 2))
     return (aa * gg).sum(dim=(1, 2))
@@ -68,7 +70,9 @@ def clear_bookkeeping(p: torch.Tensor) -> None:
 class BookkeepingMixin:
     """``clip_and_accumulate`` for an Opacus ``DPOptimizer`` whose hooks may store book-keeping weights (see the
     module docstring): the same flat clipping as Opacus (factor ``C / (norm + 1e-6)`` capped at 1), with the
-    book-keeping weights' squared norms added to the others' and their clipped sums formed by one GEMM."""
+    book-keeping weights' squared norms added to the others' and their clipped sums formed by one GEMM. Norms, clip
+    factors and clipped sums are computed in float32 whatever the per-sample gradients' dtype (Opacus uses theirs:
+    under bf16 autocast its clipped contributions reach 1.0008 C)."""
 
     def clip_and_accumulate(self):
         grad_samples = self.grad_samples
@@ -86,13 +90,15 @@ class BookkeepingMixin:
             clip_factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p, grad_sample in zip(self.params, grad_samples, strict=True):
             _check_processed_flag(p.grad_sample)
-            factors = clip_factors.to(device=grad_sample.device, dtype=p.dtype)
+            # Clip factors and clipped sums in float32 (bf16 autocast included), then the parameter's dtype.
+            factors = clip_factors.to(device=grad_sample.device, dtype=torch.float32)
             if has_bookkeeping(p):
                 activations, backprops, scale = getattr(p, BOOKKEEPING_INPUTS)
-                grad = linear_weight_clipped_sum(activations.to(p.dtype), backprops.to(p.dtype), factors * scale)
+                grad = linear_weight_clipped_sum(activations.float(), backprops.float(), factors * scale)
                 clear_bookkeeping(p)
             else:
-                grad = torch.einsum("i,i...", factors, grad_sample.to(p.dtype))
+                grad = torch.einsum("i,i...", factors, grad_sample.float())
+            grad = grad.to(p.dtype)
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:

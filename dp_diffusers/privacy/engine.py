@@ -60,6 +60,7 @@ from .compatibility import check_trainable_modules
 from .config import FLAGS, PrivacyConfig
 from .grad_sample import DPGradSampleModule
 from .optimizers import engine_optimizer_class
+from .randomness import CALLER, CSPRNG, OS_ENTROPY, RandomnessSource, noise_source_description
 from .sampling import StepSignals, batch_length, poisson_loader, shuffled_loader, split_physical
 
 STATE_FORMAT = 1
@@ -125,6 +126,7 @@ class DPEngine:
         self._backward_done = False
         self._batch_examples: int | None = None
         self._epsilon_cache: tuple[int, float] | None = None
+        self._randomness: dict[str, str | None] = {"noise": None, "sampling": None}
 
     # ------------------------------------------------------------------ properties
 
@@ -210,9 +212,14 @@ class DPEngine:
                 batches dropped).
             distributed: spread the logical batch over the ``torch.distributed`` processes (noise added once, on
                 rank 0). Default: True when a process group with more than one process is initialised.
-            noise_generator: source of the DP noise (tests, reproducibility); default: torch's global generator.
-            seed: seed of the sampling generator (each rank adds its rank); default: drawn from the global
-                generator, so ``torch.manual_seed`` makes runs reproducible.
+            noise_generator: source of the DP noise, built by the caller (recorded as such in :meth:`summary`).
+            seed: make the noise and the Poisson sampling reproducible from this seed (each rank adds its rank):
+                for tests and debugging only. Anyone who knows the seed can replay the run, so the release is NOT
+                differentially private, and :meth:`summary` says so.
+
+        By default the noise and the sampling masks come from generators seeded with the operating system's entropy
+        on every process, never stored (``randomness.py``); torch's global generator (what ``--seed`` sets) is not
+        used for either.
         """
         if self.module is not None:
             raise RuntimeError("make_private was already called on this engine; create a new DPEngine.")
@@ -227,13 +234,21 @@ class DPEngine:
             self._rank = torch.distributed.get_rank()
         self._check_data_loader(data_loader)
         self._check_optimizer(module, optimizer)
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self._raw_module = module
         if self.private:
-            self._make_private_dp(module, optimizer, data_loader, distributed, noise_generator, seed)
+            source = RandomnessSource() if seed is None else RandomnessSource.seeded(seed)
+            device = next(p.device for group in optimizer.param_groups for p in group["params"])
+            sampling_generator = source.generator(offset=1 + self._rank)  # the sampler draws on the CPU
+            self._randomness = {"sampling": source.generator_kind(), "noise": CALLER}
+            if noise_generator is None:
+                noise_generator = source.generator(device=device)
+                self._randomness["noise"] = source.generator_kind(device)
+            self._make_private_dp(module, optimizer, data_loader, distributed, noise_generator, sampling_generator)
         else:
-            self._make_plain(module, optimizer, data_loader, distributed, seed)
+            # Without DP nothing is secret; the shuffle seed must only agree across ranks (torch's global generator,
+            # seeded alike on every rank by set_seed, as before).
+            shuffle_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+            self._make_plain(module, optimizer, data_loader, distributed, shuffle_seed)
         return self.module, self.optimizer, self._train_loader
 
     def _resolve_distributed(self, distributed: bool | None) -> bool:
@@ -280,7 +295,7 @@ class DPEngine:
                 "unfrozen before building the optimizer)."
             )
 
-    def _make_private_dp(self, module, optimizer, data_loader, distributed, noise_generator, seed) -> None:
+    def _make_private_dp(self, module, optimizer, data_loader, distributed, noise_generator, sampling_generator):
         cfg = self.config
         check_trainable_modules(module, grad_sample_mode=cfg.grad_sample_mode)
         if distributed:
@@ -313,6 +328,8 @@ class DPEngine:
             expected_batch_size=cfg.expected_batch_size / self._world_size,
             loss_reduction="mean",
             generator=noise_generator,
+            # Opacus' floating-point-safe Gaussian sampling (the noise half of its secure_mode; see randomness.py).
+            secure_mode=True,
             **kwargs,
         )
         # The accountant is fed exactly q = B / N at every logical step (Opacus' hook multiplies it by the number of
@@ -320,16 +337,18 @@ class DPEngine:
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self._sample_rate))
         self.module, self.optimizer = gsm, dp_optimizer
         self._train_loader = poisson_loader(
-            data_loader, sample_rate=self._sample_rate, seed=seed, rank=self._rank, world_size=self._world_size
+            data_loader,
+            sample_rate=self._sample_rate,
+            generator=sampling_generator,
+            rank=self._rank,
+            world_size=self._world_size,
         )
 
     def _optimizer_class(self, distributed: bool):
         k = self.config.noise_multiplicity
         if self.config.grad_sample_mode == "ghost":
             return (DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping), {}
-        return engine_optimizer_class(
-            distributed=distributed, noise_multiplicity=k, bookkeeping=self.config.grad_sample_mode == "bookkeeping"
-        )
+        return engine_optimizer_class(distributed=distributed, noise_multiplicity=k)
 
     def _make_plain(self, module, optimizer, data_loader, distributed, seed) -> None:
         b, w = self.config.expected_batch_size, self._world_size
@@ -426,13 +445,37 @@ class DPEngine:
             self._signals.clear()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, per_row_loss: torch.Tensor) -> None:
+    @property
+    def batch_is_empty(self) -> bool:
+        """The physical batch just yielded holds no example: an empty Poisson draw (rare at large batches, certain
+        over many steps at small ones). Its step still happens, noise only, and is counted: pass ``None`` to
+        :meth:`backward` instead of running the model on zero rows (diffusers' attention fails on them)."""
+        return self._awaiting_step and self._batch_examples == 0
+
+    def _backward_empty(self) -> None:
+        """What a backward pass over zero examples leaves for the optimizer: no per-sample gradient rows (hooks,
+        book-keeping, functorch) or a zero summed gradient (ghost), so the step adds the noise alone."""
+        if self.private:
+            for p in self.optimizer.params:
+                if self.config.grad_sample_mode == "ghost":
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+        self._backward_done = True
+
+    def backward(self, per_row_loss: torch.Tensor | None) -> None:
         """Back-propagate one physical batch. ``per_row_loss``: one unreduced loss per row, shape ``[B * K]`` with
-        K = noise_multiplicity and rows example-major (example i at rows ``i*K .. i*K+K-1``)."""
+        K = noise_multiplicity and rows example-major (example i at rows ``i*K .. i*K+K-1``); ``None`` for an empty
+        batch (:attr:`batch_is_empty`), whose logical step then adds noise only."""
         if not self._awaiting_step or self._backward_done:
             raise RuntimeError("engine.backward() runs once per batch from engine.physical_batches(), then step().")
         k = self.config.noise_multiplicity
         n = self._batch_examples
+        if per_row_loss is None:
+            if n != 0:
+                raise ValueError("engine.backward(None) is for an empty Poisson batch only (engine.batch_is_empty).")
+            self._backward_empty()
+            return
         if not isinstance(per_row_loss, torch.Tensor) or per_row_loss.dim() != 1:
             shape = tuple(per_row_loss.shape) if isinstance(per_row_loss, torch.Tensor) else type(per_row_loss)
             raise ValueError(
@@ -557,6 +600,7 @@ class DPEngine:
             "epsilon": self.epsilon,
             "target_epsilon": self.config.target_epsilon if private else None,
             "delta": self._delta,
+            "delta_source": None if not private else "given" if self.config.delta is not None else "default",
             "accountant": self.config.accountant if private else None,
             "noise_multiplier": self._noise_multiplier,
             "max_grad_norm": self.config.max_grad_norm if private else None,
@@ -571,4 +615,20 @@ class DPEngine:
             "dp_library": {"name": "opacus", "version": opacus.__version__} if private else None,
             "world_size": self._world_size,
             "grad_sample_mode": self.config.grad_sample_mode if private else None,
+            "randomness": self.randomness if private else None,
+        }
+
+    @property
+    def randomness(self) -> dict:
+        """Where the noise and the Poisson masks came from (never the seeds or states themselves), and whether that
+        makes a valid DP release: only when both were secret (``randomness.py``)."""
+        noise, sampling = self._randomness["noise"], self._randomness["sampling"]
+        valid = noise in (OS_ENTROPY, CSPRNG) and sampling in (OS_ENTROPY, CSPRNG)
+        return {
+            "noise": noise,
+            "sampling": sampling,
+            "noise_source": None if noise is None else noise_source_description(noise),
+            "sampling_source": None if sampling is None else noise_source_description(sampling),
+            "gaussian_sampling": "Opacus secure_mode (sum of 4 Gaussians, against floating-point attacks)",
+            "valid_dp_release": valid,
         }

@@ -1,5 +1,6 @@
 """The Opacus ``DPOptimizer`` classes the engine uses: Opacus' own, with ``scale_grad`` linear in the tensor count,
-plus noise multiplicity (``multiplicity.py``) and book-keeping clipping (``bookkeeping.py``) as mixins.
+clipping in float32 with book-keeping weights (``bookkeeping.py``), and noise multiplicity (``multiplicity.py``) as
+mixins. Two questions pick the class: distributed or not, K > 1 or not.
 
 Opacus 1.6's ``DPOptimizer.scale_grad`` divides each parameter's gradient by
 ``expected_batch_size * self.accumulated_iterations``, and ``accumulated_iterations`` is a property that walks every
@@ -25,54 +26,28 @@ class ScaleGradOnceMixin:
                 p.grad /= scale
 
 
-class EngineDPOptimizer(ScaleGradOnceMixin, DPOptimizer):
-    """Opacus ``DPOptimizer`` (flat clipping, noise, loss scaling) with :class:`ScaleGradOnceMixin`."""
+class EngineDPOptimizer(ScaleGradOnceMixin, BookkeepingMixin, DPOptimizer):
+    """Opacus ``DPOptimizer`` (flat clipping, noise, loss scaling) with :class:`ScaleGradOnceMixin` and
+    ``BookkeepingMixin``'s ``clip_and_accumulate``: per-example norms, clip factors and the clipped sum in float32
+    (under bf16 autocast too; Opacus computes the norms in the per-sample gradients' dtype, and bf16 norms let a
+    clipped contribution exceed C), plus book-keeping weights where the hooks stored them (none in hooks mode)."""
 
 
-class EngineDistributedDPOptimizer(ScaleGradOnceMixin, DistributedDPOptimizer):
-    """Opacus ``DistributedDPOptimizer`` (noise added on rank 0 only) with :class:`ScaleGradOnceMixin`."""
+class EngineDistributedDPOptimizer(ScaleGradOnceMixin, BookkeepingMixin, DistributedDPOptimizer):
+    """Opacus ``DistributedDPOptimizer`` (noise added on rank 0 only), otherwise as :class:`EngineDPOptimizer`."""
 
 
 class MultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDPOptimizer):
-    """Opacus ``DPOptimizer`` with noise multiplicity (see ``multiplicity.py``)."""
+    """:class:`EngineDPOptimizer` with noise multiplicity: K rows reduced first, then clipped (``multiplicity.py``)."""
 
 
 class DistributedMultiplicityDPOptimizer(NoiseMultiplicityMixin, EngineDistributedDPOptimizer):
-    """Opacus ``DistributedDPOptimizer`` (noise added on rank 0 only) with noise multiplicity."""
+    """:class:`EngineDistributedDPOptimizer` with noise multiplicity."""
 
 
-class BookkeepingDPOptimizer(BookkeepingMixin, EngineDPOptimizer):
-    """Opacus ``DPOptimizer`` with book-keeping clipping of ``nn.Linear`` weights (see ``bookkeeping.py``)."""
-
-
-class DistributedBookkeepingDPOptimizer(BookkeepingMixin, EngineDistributedDPOptimizer):
-    """Opacus ``DistributedDPOptimizer`` with book-keeping clipping."""
-
-
-class BookkeepingMultiplicityDPOptimizer(NoiseMultiplicityMixin, BookkeepingMixin, EngineDPOptimizer):
-    """Book-keeping clipping and noise multiplicity: K rows reduced first, then clipped."""
-
-
-class DistributedBookkeepingMultiplicityDPOptimizer(
-    NoiseMultiplicityMixin, BookkeepingMixin, EngineDistributedDPOptimizer
-):
-    """Distributed, book-keeping clipping and noise multiplicity."""
-
-
-_CLASSES = {
-    # (distributed, noise multiplicity > 1, book-keeping) -> class
-    (False, False, False): EngineDPOptimizer,
-    (True, False, False): EngineDistributedDPOptimizer,
-    (False, True, False): MultiplicityDPOptimizer,
-    (True, True, False): DistributedMultiplicityDPOptimizer,
-    (False, False, True): BookkeepingDPOptimizer,
-    (True, False, True): DistributedBookkeepingDPOptimizer,
-    (False, True, True): BookkeepingMultiplicityDPOptimizer,
-    (True, True, True): DistributedBookkeepingMultiplicityDPOptimizer,
-}
-
-
-def engine_optimizer_class(*, distributed: bool, noise_multiplicity: int, bookkeeping: bool):
+def engine_optimizer_class(*, distributed: bool, noise_multiplicity: int):
     """``(class, extra kwargs)`` of the engine's ``DPOptimizer`` for these settings."""
-    cls = _CLASSES[(distributed, noise_multiplicity > 1, bookkeeping)]
-    return cls, ({"noise_multiplicity": noise_multiplicity} if noise_multiplicity > 1 else {})
+    if noise_multiplicity > 1:
+        cls = DistributedMultiplicityDPOptimizer if distributed else MultiplicityDPOptimizer
+        return cls, {"noise_multiplicity": noise_multiplicity}
+    return (EngineDistributedDPOptimizer if distributed else EngineDPOptimizer), {}

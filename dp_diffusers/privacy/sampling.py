@@ -9,8 +9,9 @@ Reused from Opacus: ``DPDataLoader`` (Poisson sampling, empty-batch collation) a
   ``UniformWithReplacementSampler`` (through ``DPDataLoader``), which yields empty batches too, so every rank runs
   exactly ``int(1 / q)`` logical steps per epoch. Each example still joins each logical batch independently with
   probability q, so the union over ranks is a Poisson sample of the whole set with expected size ``q * N``;
-* the per-rank Poisson generator is seeded with ``seed + rank``: ranks seeded alike would otherwise draw the same
-  masks, correlating which examples of different shards are sampled together;
+* each rank's Poisson masks come from its own generator (by default seeded from OS entropy, ``randomness.py``):
+  ranks seeded alike would draw the same masks, correlating which examples of different shards are sampled
+  together, and masks anyone can replay lose the amplification by subsampling;
 * :class:`StepSignals` stands in for ``DPOptimizer.signal_skip_step`` so that the non-private loop can reuse
   ``BatchSplittingSampler`` to split its batches the same way.
 """
@@ -55,15 +56,15 @@ def poisson_loader(
     data_loader: DataLoader,
     *,
     sample_rate: float,
-    seed: int,
+    generator: torch.Generator,
     rank: int = 0,
     world_size: int = 1,
 ) -> DPDataLoader:
-    """A DPDataLoader over this rank's shard of ``data_loader.dataset``, each example drawn w.p. ``sample_rate``."""
+    """A DPDataLoader over this rank's shard of ``data_loader.dataset``, each example drawn w.p. ``sample_rate``
+    with ``generator`` (this rank's own, secret unless the run is labelled reproducible)."""
     if isinstance(data_loader.dataset, IterableDataset):
         raise ValueError("Poisson sampling needs a map-style dataset, not an IterableDataset.")
     shard = rank_shard(data_loader.dataset, rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(seed + rank)
     return DPDataLoader(shard, sample_rate=sample_rate, generator=generator, **_loader_kwargs(data_loader))
 
 
