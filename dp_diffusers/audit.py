@@ -272,6 +272,8 @@ class GradientCanaries:
             del opt.clip_and_accumulate  # back to the class's method
 
     def _append_rows(self) -> None:
+        from .privacy.bookkeeping import BOOKKEEPING_INPUTS
+
         self.logical_steps_seen += 1
         joined = self._members[self.generator.random(self._members.size) < self.sample_rate]
         if joined.size == 0:
@@ -280,12 +282,31 @@ class GradientCanaries:
         for index, p in enumerate(self.params):
             grad_sample = p.grad_sample
             if not isinstance(grad_sample, torch.Tensor):
-                raise RuntimeError("white-box canaries need one per-sample gradient tensor per parameter (hooks mode)")
-            rows = torch.zeros((n, p.numel()), dtype=grad_sample.dtype, device=grad_sample.device)
+                raise RuntimeError("white-box canaries need one per-sample gradient tensor per parameter")
             mine = np.flatnonzero(self.param_index[joined] == index)
+            book = getattr(p, BOOKKEEPING_INPUTS, None)
+            if book is not None:
+                # A book-keeping weight holds per-example squared norms [B] and (activations [B, T, in], backprops
+                # [B, T, out], scale), its per-example gradient being scale * backprops_i^T activations_i: a Dirac
+                # canary at (o, i) is activations e_i and backprops (c / scale) e_o at one position.
+                activations, backprops, scale = book
+                d_out, d_in = p.shape
+                extra_a = activations.new_zeros((n, activations.shape[1], d_in))
+                extra_g = backprops.new_zeros((n, backprops.shape[1], d_out))
+                squares = grad_sample.new_zeros(n)
+                if mine.size:
+                    offsets = torch.as_tensor(self.offset[joined[mine]])
+                    rows = torch.as_tensor(mine)
+                    extra_a[rows, 0, offsets % d_in] = 1.0
+                    extra_g[rows, 0, offsets // d_in] = self.norm / float(scale)
+                    squares[rows] = self.norm**2
+                setattr(p, BOOKKEEPING_INPUTS, (torch.cat([activations, extra_a]), torch.cat([backprops, extra_g]), scale))
+                p.grad_sample = torch.cat([grad_sample, squares])
+                continue
+            extra = torch.zeros((n, p.numel()), dtype=grad_sample.dtype, device=grad_sample.device)
             if mine.size:
-                rows[torch.as_tensor(mine), torch.as_tensor(self.offset[joined[mine]])] = self.norm
-            p.grad_sample = torch.cat([grad_sample, rows.view(n, *p.shape)])
+                extra[torch.as_tensor(mine), torch.as_tensor(self.offset[joined[mine]])] = self.norm
+            p.grad_sample = torch.cat([grad_sample, extra.view(n, *p.shape)])
         self.counts[joined] += 1
 
 
@@ -319,6 +340,10 @@ class WhiteBoxConfig:
     learning_rate: float = field(default=1.0, metadata={"help": "Plain SGD (no momentum, no weight decay)."})
     delta: float | None = None
     accountant: str = "prv"
+    grad_sample_mode: str = field(
+        default="bookkeeping",
+        metadata={"help": "The engine's per-example clipping: bookkeeping (train_dp_ldm.py's default) or hooks."},
+    )
     cond_drop_prob: float = 0.1
     confidence: float = 0.95
     seed: int = field(default=0, metadata={"help": "Seed of sampling, noise and the model (not of the canaries)."})
@@ -344,6 +369,8 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
 
     cfg = config
     require_audit_extra()  # fail before training, not after
+    if cfg.grad_sample_mode not in ("bookkeeping", "hooks"):
+        raise UserInputError(f"--grad_sample_mode must be bookkeeping or hooks, got {cfg.grad_sample_mode!r}.")
     if cfg.num_canaries < 2:
         raise UserInputError(f"--num_canaries must be at least 2, got {cfg.num_canaries}.")
     out = _prepare_output_dir(output_dir)
@@ -371,7 +398,7 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
         noise_multiplier=sigma,
         max_grad_norm=clip,
         accountant=cfg.accountant,
-        grad_sample_mode="hooks",  # every trained parameter gets a p.grad_sample the canaries are appended to
+        grad_sample_mode=cfg.grad_sample_mode,
         expected_batch_size=cfg.train_batch_size,
         max_physical_batch_size=cfg.max_physical_batch_size,
         epochs=cfg.num_train_epochs,
@@ -445,7 +472,7 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
         "dataset_size": engine.dataset_size,
         "expected_batch_size": cfg.train_batch_size,
         "optimizer": f"SGD(lr={cfg.learning_rate})",
-        "grad_sample_mode": "hooks",
+        "grad_sample_mode": cfg.grad_sample_mode,
         "score": "-(final - initial) at the canary's coordinate, in units of one clipped canary step (lr c / B)",
         "score_in_mean": float(scores[included].mean()),
         "score_out_mean": float(scores[~included].mean()),

@@ -61,11 +61,11 @@ def tiny_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_digits(tmp_path_factory) -> Path:
-    """The first 600 embedded digits as parquet (a ClassLabel column): a smaller private set keeps tests fast."""
+    """The first 400 embedded digits as parquet (a ClassLabel column): a smaller private set keeps tests fast."""
     from dp_diffusers.data import load_sklearn_digits
 
     path = tmp_path_factory.mktemp("digits") / "train.parquet"
-    load_sklearn_digits().select(range(600)).to_parquet(str(path))
+    load_sklearn_digits().select(range(400)).to_parquet(str(path))
     return path
 
 
@@ -95,7 +95,7 @@ def test_reversed_scores_give_zero_not_a_bound():
     """Scores must be "higher = member": an attack that ranks members lowest proves nothing (one-sided)."""
     rng = np.random.default_rng(2)
     bounds = audit_bounds(in_scores=rng.normal(-6, 1, 300), out_scores=rng.normal(0, 1, 300), delta=1e-5)
-    assert bounds["epsilon_lower_bound"] == 0.0 and bounds["auc"] < 0.01
+    assert bounds["epsilon_lower_bound"] == 0.0 and bounds["auc"] == 0.5  # jax_privacy: at worst a coin flip
 
 
 def gaussian_dp_epsilon(mu: float, delta: float) -> float:
@@ -134,12 +134,12 @@ def test_inclusion_draw_uses_fresh_entropy():
 
 def white_box(tiny_base, data, out, **overrides):
     settings = dict(
-        num_canaries=600,
+        num_canaries=400,
         pretrained_model_name_or_path=str(tiny_base),
         dataset_name=str(data),
-        train_batch_size=64,
+        train_batch_size=40,
         num_train_epochs=None,
-        max_train_steps=20,
+        max_train_steps=15,
     )
     settings.update(overrides)
     return run_white_box(config=WhiteBoxConfig(**settings), output_dir=out, progress=False)
@@ -151,8 +151,8 @@ def test_white_box_without_noise_or_clipping_has_power(tiny_base, small_digits, 
     assert result.epsilon_lower_bound >= 1.0, result
     d = result.details
     # Every canary joins with the real examples' sample rate, once per logical step.
-    assert d["canary_steps_seen"] == d["steps"] == 20
-    assert d["joins_per_included_canary_mean"] == pytest.approx(d["sample_rate"] * 20, rel=0.25)
+    assert d["canary_steps_seen"] == d["steps"] == 15
+    assert d["joins_per_included_canary_mean"] == pytest.approx(d["sample_rate"] * 15, rel=0.25)
     # Unclipped and unnoised, an included canary moves its coordinate by one canary step per join.
     scores = np.load(tmp_path / "a" / "scores.npz")
     gap = d["score_in_mean"] - d["score_out_mean"]
@@ -165,25 +165,21 @@ def test_white_box_clipping_caps_the_canary_at_the_clip_norm(tiny_base, small_di
     double the in/out gap); the real data, clipped to C too, barely moves a single coordinate."""
     result = white_box(tiny_base, small_digits, tmp_path / "c", noise_multiplier=0.0)
     d = result.details
-    assert d["canary_norm"] == pytest.approx(2e-3) and d["clipped_canary_norm"] == pytest.approx(1e-3, rel=1e-5)
+    assert d["canary_norm"] == pytest.approx(2e-3) and d["clipped_canary_norm"] == pytest.approx(1e-3, rel=1e-3)
     scores = np.load(tmp_path / "c" / "scores.npz")
     joins = scores["counts"][scores["included"]].mean()
     assert d["score_in_mean"] - d["score_out_mean"] == pytest.approx(joins, abs=0.25)
     assert result.epsilon_lower_bound >= 1.0 and result.epsilon_accounted is None
 
 
-@pytest.mark.parametrize("epsilon", [1.0, 10.0])
-def test_white_box_with_the_engines_noise_stays_below_the_accounted_epsilon(
-    tiny_base, small_digits, tmp_path, epsilon
-):
-    result = white_box(tiny_base, small_digits, tmp_path / "n", epsilon=epsilon)
+def test_white_box_with_the_engines_noise_stays_below_the_accounted_epsilon(tiny_base, small_digits, tmp_path):
+    result = white_box(tiny_base, small_digits, tmp_path / "n", epsilon=1.0)
     d = result.details
-    assert result.epsilon_accounted == pytest.approx(epsilon, rel=0.02)
+    assert result.epsilon_accounted == pytest.approx(1.0, rel=0.02)
     assert 0.0 <= result.epsilon_lower_bound < result.epsilon_accounted
     # The engine's noise, seen at the canaries' coordinates: std sigma C sqrt(T) in canary units, plus what the
-    # clipped real gradients add there (small next to it at epsilon 1). Too little noise would show up here.
-    ratio = d["residual_std"] / d["expected_noise_std"]
-    assert (0.9 if epsilon == 1.0 else 0.9) < ratio < (1.2 if epsilon == 1.0 else 2.0), d
+    # clipped real gradients add there (small next to it at epsilon 1). Too little or too much noise shows here.
+    assert 0.9 < d["residual_std"] / d["expected_noise_std"] < 1.15, d
     assert (tmp_path / "n" / "audit.md").read_text().count("below the accounted epsilon") == 1
 
 

@@ -252,11 +252,24 @@ def _write_plain_parquet(path: Path, n: int, *, offset: int = 0) -> None:
 
 def test_load_local_parquet(tmp_path):
     _write_plain_parquet(tmp_path / "a.parquet", 6)
-    loaded = load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="kind")
+    with pytest.raises(UserInputError, match="declares no label set.*--class_names"):  # never read from the data
+        load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="kind")
+    loaded = load_image_dataset(
+        str(tmp_path / "a.parquet"), image_column="picture", label_column="kind", class_names=["bird", "cat", "dog"]
+    )
     assert isinstance(loaded, LoadedDataset) and loaded.preset is None
     assert isinstance(loaded.dataset.features["picture"], datasets.Image)
-    assert loaded.id2label == {0: "bird", 1: "cat", 2: "dog"}  # sorted string values
+    assert loaded.id2label == {0: "bird", 1: "cat", 2: "dog"}  # the declared order
     assert loaded.dataset["kind"] == [1, 2, 0, 1, 2, 0]
+    assert loaded.label_set_source == "class_names (--class_names)"
+    reordered = load_image_dataset(
+        str(tmp_path / "a.parquet"), image_column="picture", label_column="kind", class_names=["dog", "cat", "bird"]
+    )
+    assert reordered.dataset["kind"] == [1, 0, 2, 1, 0, 2]
+    with pytest.raises(UserInputError, match="2 example"):  # two "bird" rows outside the declared set, counted
+        load_image_dataset(
+            str(tmp_path / "a.parquet"), image_column="picture", label_column="kind", class_names=["cat", "dog"]
+        )
     assert loaded.dataset[0]["picture"].size == (10, 10)
 
     _write_plain_parquet(tmp_path / "b.parquet", 3, offset=1)
@@ -269,7 +282,9 @@ def test_load_local_parquet(tmp_path):
     with pytest.raises(UserInputError, match="--image_column"):  # no image-like column to guess
         load_image_dataset(str(tmp_path / "a.parquet"))
     with pytest.raises(UserInputError, match="not class labels"):
-        load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="score")
+        load_image_dataset(
+            str(tmp_path / "a.parquet"), image_column="picture", label_column="score", class_names=["a"]
+        )
 
 
 def test_load_parquet_folder_with_splits(tmp_path):
@@ -278,8 +293,9 @@ def test_load_parquet_folder_with_splits(tmp_path):
     _write_plain_parquet(root / "data" / "train-00000-of-00002.parquet", 4)
     _write_plain_parquet(root / "data" / "train-00001-of-00002.parquet", 4)
     _write_plain_parquet(root / "data" / "test-00000-of-00001.parquet", 3)
-    train = load_image_dataset(str(root), image_column="picture", label_column="kind")
-    test = load_image_dataset(str(root), split="test", image_column="picture", label_column="kind")
+    names = ["bird", "cat", "dog"]
+    train = load_image_dataset(str(root), image_column="picture", label_column="kind", class_names=names)
+    test = load_image_dataset(str(root), split="test", image_column="picture", label_column="kind", class_names=names)
     assert (len(train.dataset), len(test.dataset)) == (8, 3)
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from dp_diffusers.errors import UserInputError
+from dp_diffusers.privacy import format_epsilon
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -155,7 +156,7 @@ def assert_privacy_and_card(out: Path, base: Path, family: str, usage: str) -> d
     assert 0 < privacy["trainable_parameters"] < privacy["total_parameters"]
     card = ModelCard.load(out / "README.md")
     assert f"`{base}`, pre-trained on {privacy['base_model_pretraining_data']}" in " ".join(card.text.split())
-    assert f"({privacy['epsilon']:.3g}, {privacy['delta']:.3g})-DP" in card.text
+    assert f"({format_epsilon(privacy['epsilon'])}, {format_epsilon(privacy['delta'], digits=3)})-DP" in card.text
     assert usage in card.text and "DPLDMPipeline" not in card.text
     assert privacy["trained_parameters_kind"] in card.text
     return privacy

@@ -162,9 +162,12 @@ def test_epsilon_equals_the_single_process_run(ranks, scenario):
 def test_noise_is_added_once(ranks):
     r0, r1 = ranks[0]["noise"], ranks[1]["noise"]
     assert r0["steps"] == 1
+    from opacus.optimizers.optimizer import _generate_noise
+
     g = torch.Generator().manual_seed(NOISE_SEED)
     for start, p0, p1 in zip(r0["start"], r0["params"], r1["params"], strict=True):
-        noise = torch.normal(mean=0.0, std=SIGMA * C, size=start.shape, generator=g, dtype=start.dtype)
+        # Opacus' own draw, in its secure_mode sampling (what the engine uses), from the same generator
+        noise = _generate_noise(std=SIGMA * C, reference=torch.zeros_like(start), generator=g, secure_mode=True)
         # rank 0 adds one draw to its zero clipped sum, rank 1 adds none; Opacus divides by B / 2 per rank, the
         # all-reduce sums and divides by 2: the averaged update is noise / B, as in a single process.
         expected = start - 1.0 * (noise / (B / 2) / 2)

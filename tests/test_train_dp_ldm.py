@@ -28,6 +28,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dp_diffusers.privacy import format_epsilon
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,13 +313,14 @@ def test_model_card_reports_the_privacy_json_numbers(run_a):
     for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "dataset_size"):
         assert meta[key] == pytest.approx(privacy[key], rel=1e-12), key
     eps, delta = privacy["epsilon"], privacy["delta"]
-    assert f"({eps:.3g}, {delta:.3g})-DP" in text
-    assert f"| epsilon (spent) | {eps:.4g} |" in text
-    assert f"| delta | {delta} |" in text
-    assert f"| noise multiplier (sigma) | {privacy['noise_multiplier']} |" in text
+    # Rounded for people (epsilon and delta up); privacy.json and the card's metadata keep the full values.
+    assert f"({format_epsilon(eps)}, {format_epsilon(delta, digits=3)})-DP" in text
+    assert f"| epsilon (spent, rounded up) | {format_epsilon(eps)} |" in text
+    assert f"| delta | {format_epsilon(delta, digits=3)} (default from N" in text
+    assert f"| noise multiplier (sigma) | {privacy['noise_multiplier']:.4g} |" in text
     assert f"| max grad norm (C, per-example flat clipping) | {privacy['max_grad_norm']} |" in text
-    assert f"sample rate q = {privacy['sample_rate']}" in text
-    assert f"| steps / epochs | {privacy['steps']} / {privacy['epochs']} |" in text
+    assert f"sample rate q = {privacy['sample_rate']:.4g}" in text
+    assert f"| steps / epochs | {privacy['steps']} / {privacy['epochs']:.3g} |" in text
     assert "NOT differentially private" not in text
 
 
@@ -442,9 +445,20 @@ BAD_INPUT = {
     "missing_label_column": (["--label_column", "nope"], ["no column 'nope'", "--label_column"]),
     "parquet_without_labels": (["--dataset_name", "{no_label}"], ["needs labels", "--label_column"]),
     "labels_beyond_the_embedder": (
-        ["--dataset_name", "{twelve}", "--train_batch_size", "8", "--max_physical_batch_size", "8"],
+        [
+            "--dataset_name",
+            "{twelve}",
+            "--class_names",
+            "a,b,c,d,e,f,g,h,i,j,k,l",
+            "--train_batch_size",
+            "8",
+            "--max_physical_batch_size",
+            "8",
+        ],  # fmt: skip
         ["Labels span 0..11", "10 classes"],
     ),
+    "ghost_under_bf16": (["--grad_sample_mode", "ghost", "--mixed_precision", "bf16"], ["clip bound", "bookkeeping"]),
+    "label_set_not_declared": (["--dataset_name", "{twelve}"], ["declares no label set", "--class_names"]),
     "push_non_private": (["--disable_dp", "--push_to_hub"], ["--allow_non_private_push"]),
     "missing_base_model": (["--pretrained_model_name_or_path", "{missing}"], ["No pipeline at", "model_index.json"]),
     # (--noise_multiplier: skips calibrating sigma, which these cases would reach before failing)
@@ -608,7 +622,9 @@ def test_push_to_hub_uploads_the_model_and_privacy_files_and_only_sends_the_toke
     assert hub.unexpected == []
     local = files_under(out)
     assert any(name.startswith("checkpoint-") for name in local)  # there were checkpoints to leave out
-    expected = {name: data for name, data in local.items() if not name.startswith(("checkpoint-", "logs/", "."))}
+    assert any(name.startswith("validation/") for name in local)  # intermediate grids, not part of the release
+    leave = ("checkpoint-", "logs/", "validation/", ".")
+    expected = {name: data for name, data in local.items() if not name.startswith(leave)}
     for name in (
         "privacy.json",
         "README.md",

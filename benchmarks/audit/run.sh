@@ -3,6 +3,7 @@
 # (default: ../audit-runs, outside the repository: black-box folders hold a model and the canary data), and copies
 # each one's audit.json, audit.md and log into benchmarks/audit/<name>/. Resumable: a run whose audit.json exists is
 # skipped; a killed run's partial folder is moved aside and the run redone from scratch (fresh canaries).
+# One torch thread by default (AUDIT_THREADS): on a 2-core machine shared with other jobs, 2 threads thrash.
 #   bash benchmarks/audit/run.sh                 # all
 #   bash benchmarks/audit/run.sh wb-eps10 bb-nodp  # some
 set -uo pipefail
@@ -27,7 +28,7 @@ for name in "${ORDER[@]}"; do
   echo "run $name: ${CMD[$name]}"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  HF_HUB_OFFLINE=1 nice -n 5 python examples/audit.py ${CMD[$name]} --output_dir "$out" \
+  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${AUDIT_THREADS:-1} nice -n 5 python examples/audit.py ${CMD[$name]} --output_dir "$out" \
     > "benchmarks/audit/$name/log.txt" 2>&1
   rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "benchmarks/audit/$name/log.txt"
