@@ -46,6 +46,7 @@ from dp_diffusers.checkpointing import (
     set_rng_state,
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
+from dp_diffusers.data.loading import no_labels_error
 from dp_diffusers.families import (
     DEFAULT_PROMPT_TEMPLATE,
     FamilyOptions,
@@ -62,6 +63,10 @@ from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
 logger = get_logger(__name__)
+
+#: Warn above this sigma / B. The embedded demo at epsilon 10 runs at 0.005 (sigma 1.27, B 256); at epsilon 0.01 it
+#: reaches 20 (sigma 5,120) and its samples do not move from the public model's.
+NOISE_TO_SIGNAL_WARNING = 0.1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -351,7 +356,7 @@ def main(args: argparse.Namespace) -> None:
         class_names=parse_class_names(args.class_names),
     )
     if family.needs_labels and loaded.label_column is None:
-        raise UserInputError(f"A {family.name} model needs labels: pass --label_column.")
+        raise no_labels_error(loaded.source)
     family.prepare_data(loaded)
     private_set = as_torch_dataset(loaded, resolution=family.resolution, channels=family.channels)
     logger.info(
@@ -364,7 +369,9 @@ def main(args: argparse.Namespace) -> None:
         )
     )
     encoded = family.encode(private_set, device=accelerator.device, progress=accelerator.is_local_main_process)
-    family.adopt_labels(loaded.id2label)
+    mapping = family.adopt_labels(loaded.id2label)
+    if mapping:
+        logger.info(mapping)
 
     # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
     trainable = TrainableConfig(
@@ -461,7 +468,15 @@ def main(args: argparse.Namespace) -> None:
         f"{'NON-PRIVATE' if args.disable_dp else 'DP-SGD'}: N={engine.dataset_size}, q={engine.sample_rate:.5g},"
         f" planned steps {engine.planned_steps}, sigma={sigma}, C={args.max_grad_norm}, K={args.noise_multiplicity}"
         f", world size {accelerator.num_processes}"
+        + ("" if sigma is None else f", noise-to-signal per step sigma/B = {engine.noise_to_signal:.3g}")
     )
+    if engine.private and engine.noise_to_signal > NOISE_TO_SIGNAL_WARNING:
+        logger.warning(
+            f"Noise-to-signal sigma/B = {engine.noise_to_signal:.3g}: each step's noise is more than "
+            f"{NOISE_TO_SIGNAL_WARNING:g} C on an average gradient of norm at most C, so training can hardly move the "
+            "model. Use a larger --train_batch_size, fewer steps (--num_train_epochs / --max_train_steps) or a "
+            "larger --epsilon."
+        )
 
     # ---------------------------------------------------------------- training loop (logical steps)
     started = time.time()

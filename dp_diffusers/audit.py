@@ -300,7 +300,9 @@ class GradientCanaries:
                     extra_a[rows, 0, offsets % d_in] = 1.0
                     extra_g[rows, 0, offsets // d_in] = self.norm / float(scale)
                     squares[rows] = self.norm**2
-                setattr(p, BOOKKEEPING_INPUTS, (torch.cat([activations, extra_a]), torch.cat([backprops, extra_g]), scale))
+                setattr(
+                    p, BOOKKEEPING_INPUTS, (torch.cat([activations, extra_a]), torch.cat([backprops, extra_g]), scale)
+                )
                 p.grad_sample = torch.cat([grad_sample, squares])
                 continue
             extra = torch.zeros((n, p.numel()), dtype=grad_sample.dtype, device=grad_sample.device)

@@ -443,7 +443,11 @@ BAD_INPUT = {
     ),
     "unknown_preset": (["--dataset_name", "no_such_preset"], ["unknown dataset 'no_such_preset'"]),
     "missing_label_column": (["--label_column", "nope"], ["no column 'nope'", "--label_column"]),
-    "parquet_without_labels": (["--dataset_name", "{no_label}"], ["needs labels", "--label_column"]),
+    "parquet_without_labels": (["--dataset_name", "{no_label}"], ["has no labels", "one subfolder per class"]),
+    "parquet_without_labels_named": (
+        ["--dataset_name", "{no_label}", "--label_column", "label"],
+        ["has no labels", "one subfolder per class", "metadata.csv", "unconditional base model"],
+    ),
     "labels_beyond_the_embedder": (
         [
             "--dataset_name",
@@ -497,6 +501,20 @@ def test_rgb_images_of_another_size_are_converted_and_train(script, base_model, 
     privacy = privacy_of(out)
     assert privacy["dataset_size"] == 16 and privacy["steps"] == 1 and privacy["sample_rate"] == 0.5
     assert_only_trained_changed(base_model, out)
+    # The folder names are the classes: they reach the log, id2label, the card's usage and the grid.
+    from dp_diffusers import DPLDMPipeline
+
+    assert "'cat' -> row 0 (was 'zero'), 'dog' -> row 1 (was 'one'); rows 2..9 unused" in buf.getvalue()
+    pipe = DPLDMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.id2label == {0: "cat", 1: "dog"}
+    assert len(pipe(class_labels=["dog"], num_inference_steps=1, output_type="np").images) == 1
+    drawn = pipe(batch_size=6, num_inference_steps=1, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert drawn.images.shape[0] == 6
+    assert "class_labels=['cat', 'dog']" in (out / "README.md").read_text()
+    from PIL import Image
+
+    assert Image.open(out / "samples.png").size[1] == 2 * 28  # one row per private class
 
 
 # ---------------------------------------------------------------------------------------------------- 7. token

@@ -212,7 +212,27 @@ def _guess_label_column(dataset: datasets.Dataset) -> str | None:
     return None
 
 
+#: What works when class-conditional training meets images without labels.
+NO_LABELS_HINT = (
+    "put the images in one subfolder per class (an image folder), add a metadata.csv or metadata.jsonl beside them "
+    "with a label column (and --class_names), or start from an unconditional base model (an LDMPipeline, "
+    "--pretrained_model_name_or_path)"
+)
+
+
+def no_labels_error(source: str) -> UserInputError:
+    return UserInputError(
+        f"the private data '{source}' has no labels, and this base model is class-conditional: {NO_LABELS_HINT}."
+    )
+
+
 def _check_column(dataset: datasets.Dataset, column: str, *, source: str, flag: str) -> None:
+    if (
+        column not in dataset.column_names
+        and flag == "label_column"
+        and all(isinstance(f, datasets.Image) for f in dataset.features.values())
+    ):
+        raise no_labels_error(source)  # nothing but images: naming another column would not help
     if column not in dataset.column_names:
         raise UserInputError(
             f"dataset '{source}' has no column '{column}' (columns: {', '.join(dataset.column_names)}); "

@@ -116,8 +116,9 @@ class ModelFamily:
         """See the loaded private data set (a ``dp_diffusers.data.LoadedDataset``) before :meth:`encode`, e.g. to
         read a caption column; default: nothing to do."""
 
-    def adopt_labels(self, id2label: dict[int, str]) -> None:
-        """Use the private data's class names (and check its labels fit); default: nothing to do."""
+    def adopt_labels(self, id2label: dict[int, str]) -> str | None:
+        """Use the private data's declared class names (and check its labels fit); may return a line for the log
+        saying how private classes map onto the model's. Default: nothing to do."""
 
     def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
         """The private set as a ``torch.utils.data.TensorDataset`` of per-example tensors (frozen encoders applied
@@ -141,13 +142,8 @@ class ModelFamily:
         return {"family": self.name, "pipeline_class": type(self.pipe).__name__}
 
     def usage(self, repo_or_path: str, *, lora: bool = False) -> str:
-        """Python that loads and samples the saved model (for the model card)."""
-        cls = type(self.pipe).__name__
-        load = f'pipe.load_lora_weights("{repo_or_path}")\n' if lora else ""
-        return (
-            f'from dp_diffusers import {cls}\n\npipe = {cls}.from_pretrained("{repo_or_path}")\n{load}'
-            "images = pipe(class_labels=list(range(10)), num_inference_steps=50).images"
-        )
+        """Python that loads and samples the saved model (for the model card); each family writes its own."""
+        raise NotImplementedError
 
     def base_data(self) -> str:
         """The public base model's pre-training data: its ``pretraining.json``, the known-bases table, or its card."""

@@ -79,15 +79,30 @@ class ClassConditionalLDM(ModelFamily):
                 f"(0..{n - 1}): use a dataset with at most {n} classes or a base model with more."
             )
 
-    def adopt_labels(self, id2label: dict[int, str]) -> None:
+    def adopt_labels(self, id2label: dict[int, str]) -> str | None:
+        """Private class i trains embedder row i and takes its name: the output's ``id2label`` holds the private
+        classes only (rows beyond them keep the public weights, unused). Returns the mapping, for the log."""
         n = self.embedder.config.num_classes
         if len(id2label) > n:
             raise UserInputError(
                 f"The private data has {len(id2label)} classes but the base model's embedder has {n}: use a base "
                 f"model with at least {len(id2label)} classes."
             )
-        if len(id2label) == n:
-            self.embedder.register_to_config(id2label=id2label)  # the private data's class names
+        if not id2label:
+            return None
+        public = self.embedder.id2label
+        self.embedder.register_to_config(id2label={int(k): str(v) for k, v in id2label.items()})
+        pairs = ", ".join(f"{name!r} -> row {i} (was {public.get(i)!r})" for i, name in sorted(id2label.items()))
+        unused = f"; rows {len(id2label)}..{n - 1} unused" if len(id2label) < n else ""
+        return f"private classes -> embedder rows: {pairs}{unused}"
+
+    def usage(self, repo_or_path: str, *, lora: bool = False) -> str:
+        load = f'pipe.load_lora_weights("{repo_or_path}")\n' if lora else ""
+        names = [name for _, name in sorted(self.embedder.id2label.items())][:4]
+        return (
+            f'from dp_diffusers import DPLDMPipeline\n\npipe = DPLDMPipeline.from_pretrained("{repo_or_path}")\n'
+            f"{load}print(pipe.id2label)\nimages = pipe(class_labels={names!r}, num_inference_steps=50).images"
+        )
 
     def encode(
         self, dataset: torch.utils.data.Dataset, *, batch_size: int = 256, device="cpu", progress: bool = True

@@ -38,8 +38,10 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
         id2label: dict[int, str] | None = None,
     ):
         super().__init__()
-        if id2label is not None and len(id2label) != num_classes:
-            raise ValueError(f"id2label has {len(id2label)} entries but num_classes={num_classes}.")
+        if id2label is not None and (
+            not 0 < len(id2label) <= num_classes or not all(0 <= int(k) < num_classes for k in id2label)
+        ):
+            raise ValueError(f"id2label must name 1..{num_classes} of the ids 0..{num_classes - 1}, got {id2label}.")
         self.embedding = nn.Embedding(num_classes + 1, num_tokens * embed_dim)
         nn.init.normal_(self.embedding.weight, std=embed_dim**-0.5)
 

@@ -120,7 +120,7 @@ class DPLDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Args:
             class_labels: ints, label names (see ``pipe.id2label``), or ``None`` for ``batch_size`` uniformly random
-                classes (drawn with ``generator``).
+                classes of ``pipe.id2label`` (drawn with ``generator``).
             batch_size: number of images when ``class_labels`` is ``None``.
             num_inference_steps: denoising steps (>= 1).
             guidance_scale: classifier-free guidance weight; 1.0 disables guidance.
@@ -139,7 +139,8 @@ class DPLDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if int(batch_size) < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
             gen = generator[0] if isinstance(generator, list) else generator
-            ids = torch.randint(0, self.embedder.config.num_classes, (int(batch_size),), generator=gen, device="cpu")
+            named = torch.tensor(sorted(self.id2label), dtype=torch.long)  # the classes in use (all, by default)
+            ids = named[torch.randint(0, len(named), (int(batch_size),), generator=gen, device="cpu")]
         else:
             ids = torch.tensor(self.get_label_ids(class_labels), dtype=torch.long)
         ids = ids.to(device)

@@ -149,6 +149,14 @@ class DPEngine:
         return self._sample_rate
 
     @property
+    def noise_to_signal(self) -> float | None:
+        """sigma / B: the standard deviation of one step's noise on the averaged clipped gradient, in units of the
+        clip bound C (which bounds any one example's signal). None without DP."""
+        if self._noise_multiplier is None:
+            return None
+        return self._noise_multiplier / self.config.expected_batch_size
+
+    @property
     def planned_steps(self) -> int | None:
         return self._planned_steps
 
