@@ -7,6 +7,22 @@ from huggingface_hub import ModelCard, ModelCardData
 from .privacy.accounting import format_epsilon
 
 
+def _base_model(path: str | None) -> tuple[str | None, str]:
+    """``(Hub id for the card's metadata or None, how the card names it)``: a local folder is named by what it is,
+    not by an absolute path on the machine that trained (privacy.json keeps the path)."""
+    from pathlib import Path
+
+    from . import DEFAULT_PUBLIC_MODEL
+
+    if not path:
+        return None, "unknown"
+    if Path(path).resolve() == Path(DEFAULT_PUBLIC_MODEL).resolve():
+        return None, f"`dp_diffusers.DEFAULT_PUBLIC_MODEL` (`{Path(path).name}`, shipped with dp-diffusers)"
+    if Path(path).exists():
+        return None, f"a local folder, `{Path(path).name}`"
+    return path, f"[`{path}`](https://huggingface.co/{path})"
+
+
 def _short(value, *, digits: int = 4) -> str:
     """A number for people (the card); ``privacy.json`` keeps full precision."""
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -121,8 +137,8 @@ at most 1e-5){% endif %} |
 | unit of privacy | {{ unit }} |
 
 ## What was trained on what
-- **Public base model:** `{{ base_model }}`, pre-trained on {{ base_data }}. It saw no private data; it is not covered
-  by (and needs no) privacy guarantee.
+- **Public base model:** {{ base_model_str }}, pre-trained on {{ base_data }}. It saw no private data; it is
+  not covered by (and needs no) privacy guarantee.
 - **Private data:** {{ private_data }}. Only these parameters were trained on it: {{ trained_modules }}
   ({{ "{:,}".format(trainable_parameters) }} of {{ "{:,}".format(total_parameters) }} parameters,
   {{ "%.1f"|format(100 * trainable_parameters / total_parameters) }}%). Every other weight is bit-identical to the
@@ -167,7 +183,8 @@ def private_model_card(
     base_data: str,
     private_data: str,
     repo_or_path: str,
-    tuning: str = "not tuned on the private data by this run (defaults or user-supplied values).",
+    tuning: str = "not tuned on the private data by this run (defaults or user-supplied values); settings chosen by "
+    "looking at the private data, or at results on it, are not covered.",
     grid: str | None = None,
     datasets: list[str] | None = None,
     description: str = "A class-conditional latent diffusion model",
@@ -201,11 +218,12 @@ def private_model_card(
         )
     }
     previous = privacy.get("previous_release") or None
+    base_hub_id, base_model_str = _base_model(privacy.get("base_model"))
     data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
         tags=tags,
-        base_model=privacy.get("base_model"),
+        base_model=base_hub_id,
         datasets=datasets,
         model_name=model_name,
         differential_privacy=metadata,
@@ -221,6 +239,7 @@ def private_model_card(
         q_str=_short(privacy.get("sample_rate")),
         epochs_str=_short(privacy.get("epochs"), digits=3),
         valid_release=valid_release,
+        base_model_str=base_model_str,
         previous_release=previous,
         previous_epsilon_str="n/a" if previous is None else format_epsilon(previous.get("epsilon")),
         unit=privacy.get("unit_of_privacy", "one training image"),

@@ -81,6 +81,11 @@ def test_classifier_free_guidance_changes_output(tiny_pipe):
     plain = sample(tiny_pipe, guidance_scale=1.0)
     guided = sample(tiny_pipe, guidance_scale=4.0)
     assert np.abs(plain - guided).max() > 1e-3
+    # <= 1 is documented as "no guidance": the same images as 1.0; a negative weight is refused
+    assert np.array_equal(sample(tiny_pipe, guidance_scale=0.5), plain)
+    for bad in (-2.0, float("nan")):
+        with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+            sample(tiny_pipe, guidance_scale=bad)
 
 
 def test_to_dtype_and_progress_bar(tiny_pipe):

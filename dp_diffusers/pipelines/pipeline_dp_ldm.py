@@ -116,20 +116,56 @@ class DPLDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        r"""Samples one image per entry of ``class_labels``.
+        r"""
+        The call function to the pipeline for generation: one image per entry of ``class_labels``.
 
         Args:
-            class_labels: ints, label names (see ``pipe.id2label``), or ``None`` for ``batch_size`` uniformly random
-                classes of ``pipe.id2label`` (drawn with ``generator``).
-            batch_size: number of images when ``class_labels`` is ``None``.
-            num_inference_steps: denoising steps (>= 1).
-            guidance_scale: classifier-free guidance weight; 1.0 disables guidance.
-            eta: DDIM's eta (0 = deterministic DDIM, 1 = DDPM-like).
-            generator: ``torch.Generator`` for reproducible sampling.
-            latents: optional initial noise ``[B, C, h, w]``.
-            output_type: ``"pil"``, ``"np"`` (``[B, H, W, C]`` floats in [0, 1]) or ``"pt"`` (``[B, C, H, W]``).
-            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            class_labels (`int`, `str` or `List[int | str]`, *optional*):
+                Class ids or label names (see `pipe.id2label`). `None` draws `batch_size` classes uniformly from
+                `pipe.id2label` with `generator`.
+            batch_size (`int`, *optional*, defaults to 1):
+                Number of images when `class_labels` is `None`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                Number of denoising steps (>= 1). More steps usually give better images and take longer.
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance weight `w` in `uncond + w * (cond - uncond)`, with the embedder's null
+                class as `uncond`. Values above 1 strengthen the class; 1.0, and any value in [0, 1], samples the
+                plain conditional model (no guidance pass); negative values are refused.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta: 0 is deterministic DDIM, 1 is DDPM-like. Ignored by schedulers without it.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
+                A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) to make
+                generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Initial Gaussian noise of shape `[B, C, h, w]` (the UNet's latent shape); drawn with `generator`
+                when not given.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` (PIL images), `"np"` (`[B, H, W, C]` floats in [0, 1]), `"pt"` (`[B, C, H, W]`) or
+                `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
+
+        Examples:
+
+        ```py
+        >>> from dp_diffusers import DEFAULT_PUBLIC_MODEL, DPLDMPipeline
+
+        >>> pipe = DPLDMPipeline.from_pretrained(DEFAULT_PUBLIC_MODEL)
+        >>> print(pipe.id2label)
+        >>> images = pipe(class_labels=[0, 1, "7"], num_inference_steps=50, guidance_scale=1.0).images
+        >>> images[0].save("digit_0.png")
+        ```
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`:
+                If `return_dict` is `True`, [`~pipelines.ImagePipelineOutput`] is returned, otherwise a `tuple` whose
+                first element is the list of generated images.
         """
+        if not guidance_scale >= 0:  # also refuses NaN
+            raise ValueError(
+                f"guidance_scale must be >= 0, got {guidance_scale}: 1.0 (or any value <= 1) samples without "
+                "guidance, values above 1 strengthen the class."
+            )
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
         if output_type not in ("pil", "np", "pt", "latent"):
