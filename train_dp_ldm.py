@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -75,10 +76,19 @@ DEMO_TUNING = (
 NOISE_TO_SIGNAL_WARNING = 0.1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: argparse's "(default: X)" unless the help already says what the default is, or
+    the flag is a switch or has no value by default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -93,7 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"Private data: a preset ({', '.join(PRESETS)}), a Hub id, a local folder or parquet file.",
     )
     g.add_argument("--train_data_dir", default=None, help="Local folder of private images (alias of --dataset_name).")
-    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--dataset_split", default="train", help="Split of the private data set to train on.")
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on the first N examples only (debugging, quick trials); N is public, like the data set size.",
+    )
+    g.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub base model.")
+    g.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16 files.")
+    g.add_argument("--cache_dir", default=None, help="Where Hub models and data sets are cached (default: HF's).")
     g.add_argument("--image_column", default=None, help="Image column (default: the preset's, or 'image').")
     g.add_argument("--label_column", default=None, help="Label column (default: the preset's, or 'label').")
     g.add_argument(
@@ -143,7 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Train LoRA adapters on the selected blocks' to_q/to_k/to_v/to_out.0 (+ the embedder, fully) instead "
         "of the full attention weights.",
     )
-    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r (with --use_lora).")
+    g.add_argument(
+        "--rank", "--lora_rank", dest="lora_rank", type=int, default=4, help="LoRA rank r (with --use_lora)."
+    )
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha / r). Default: the rank.")
 
     g = p.add_argument_group("model family options")
@@ -179,10 +200,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_grad_norm",
         type=float,
         default=1e-3,
-        help="Per-example clipping norm C. Tiny values clip every gradient (normalised DP-SGD), as the "
-        "paper's configs do.",
+        help="The per-example clipping bound C (Opacus' name for it): each example's gradient over all trained "
+        "parameters is scaled to norm at most C before noise. Tiny values clip every gradient (normalised DP-SGD), "
+        "as the paper's configs do.",
     )
-    g.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
+    g.add_argument(
+        "--accountant",
+        default="prv",
+        choices=["prv", "rdp", "gdp"],
+        help="Opacus accountant that turns sigma, q and steps into epsilon: prv (the tightest), rdp, or gdp "
+        "(experimental).",
+    )
     g.add_argument(
         "--grad_sample_mode",
         default="bookkeeping",
@@ -223,13 +251,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--epsilon and no plan, training runs until the budget is spent.",
     )
     g.add_argument("--max_train_steps", type=int, default=None, help="Planned logical steps; overrides epochs.")
-    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate of the trained weights.")
     g.add_argument("--lr_scheduler", default="constant", help="diffusers' get_scheduler name, over logical steps.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     g.add_argument(
-        "--ema_decay", type=float, default=0.999, help="EMA of trained weights (free: post-processing). 0: off."
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Save an EMA of the trained weights (post-processing: free for privacy). On by default; --no-use_ema "
+        "saves the last weights.",
     )
+    g.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the EMA (with --use_ema). 0: off.")
     g.add_argument(
         "--cond_drop_prob",
         type=float,
@@ -238,16 +271,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     g = p.add_argument_group("checkpoints, logging, outputs")
-    g.add_argument("--checkpointing_steps", type=int, default=100)
-    g.add_argument("--checkpoints_total_limit", type=int, default=2)
+    g.add_argument("--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     g.add_argument(
-        "--validation_steps", type=int, default=0, help="Write a sample grid every N steps (0: at the end)."
+        "--validation_steps", type=int, default=0, help="Also write a sample grid every N steps (0: never)."
     )
-    g.add_argument("--num_validation_images", type=int, default=8, help="Grid images per class.")
+    g.add_argument(
+        "--validation_epochs", type=int, default=0, help="Also write a sample grid every N epochs (0: never)."
+    )
+    g.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=40,
+        help="Images in each sample grid, in total, spread evenly over its rows (one per class).",
+    )
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the grids.")
-    g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker: tensorboard, wandb, all or none.")
-    g.add_argument("--logging_dir", default="logs")
+    g.add_argument(
+        "--report_to",
+        default="tensorboard",
+        help="Accelerate tracker: tensorboard, wandb, all or none (a missing tracker is reported, not silent).",
+    )
+    g.add_argument("--tracker_project_name", default="dp-ldm", help="Project name given to the tracker.")
+    g.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Worker processes of the training data loader."
+    )
+    g.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir (never pushed).")
     g.add_argument(
         "--log_private_loss",
         action="store_true",
@@ -260,8 +309,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["no", "bf16"],
         help="fp16 is refused: a GradScaler scales per-example gradients before clipping.",
     )
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the release (pipeline, card, privacy.json, grid; never checkpoints or logs) to the Hub.",
+    )
+    g.add_argument(
+        "--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output's name)."
+    )
     g.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
     g.add_argument(
         "--allow_non_private_push",
@@ -273,12 +328,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="On CPU, let glibc return freed memory to the OS (slower DP steps: see dp_diffusers/runtime.py).",
     )
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.train_data_dir:
         args.dataset_name = args.train_data_dir
     args.pretrained_model_name_or_path, recommended = resolve_base_model(
         args.pretrained_model_name_or_path, args.dataset_name
     )
+    args.recommended_base = recommended  # why the preset's base was chosen, for error messages (not saved)
     if recommended is not None and recommended.label_map and args.label_map is None:
         args.label_map = recommended.label_map  # the preset's documented mapping onto the base's classes
     until_budget = args.noise_multiplier is not None and args.epsilon is not None and not args.disable_dp
@@ -307,18 +368,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def public_args(args: argparse.Namespace) -> dict:
     """The arguments as saved and logged: without the Hub token."""
-    return {k: v for k, v in vars(args).items() if k != "hub_token"}
+    return {k: v for k, v in vars(args).items() if k not in ("hub_token", "recommended_base")}
 
 
 def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- accelerator, logging
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to == "none" else args.report_to
+    missing_tracker = None
     if report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            report_to = None
+            report_to, missing_tracker = None, "tensorboard"
     accelerator = Accelerator(
         cpu=multi_process_cpu(),  # a multi-process launch without a GPU: one main process (dp_diffusers.runtime)
         mixed_precision=args.mixed_precision,
@@ -328,6 +390,11 @@ def main(args: argparse.Namespace) -> None:
         ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO, force=True)
+    if missing_tracker:
+        logger.warning(
+            f"--report_to={missing_tracker}: {missing_tracker} is not installed, so nothing goes to a tracker "
+            f"(`pip install {missing_tracker}`, or --report_to=none to silence this)."
+        )
     set_seed(args.seed)
     if accelerator.device.type == "cpu" and not args.release_cpu_memory and retain_freed_memory():
         logger.info("CPU: glibc keeps freed memory for reuse (per-sample gradients are re-allocated every batch).")
@@ -351,7 +418,25 @@ def main(args: argparse.Namespace) -> None:
         prompt_template=args.prompt_template,
         train_text_encoder=args.train_text_encoder,
     )
-    family = load_family(args.pretrained_model_name_or_path, options=options).to(accelerator.device)
+    try:
+        family = load_family(
+            args.pretrained_model_name_or_path,
+            options=options,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        ).to(accelerator.device)
+    except UserInputError as e:
+        if args.recommended_base is None or "from the Hub" not in str(e):
+            raise
+        base = args.pretrained_model_name_or_path
+        raise UserInputError(
+            f"--dataset_name={args.dataset_name} starts from the public base {base} ({args.recommended_base.reason}), "
+            f"which is not on this machine and could not be fetched {str(e).split('from the Hub', 1)[-1].strip()} "
+            "Download it where "
+            f"there is network (`hf download {base} --local-dir <folder>`), then pass "
+            "--pretrained_model_name_or_path=<folder>."
+        ) from e
 
     # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
     loaded = load_image_dataset(
@@ -360,7 +445,13 @@ def main(args: argparse.Namespace) -> None:
         image_column=args.image_column,
         label_column=args.label_column,
         class_names=parse_class_names(args.class_names),
+        cache_dir=args.cache_dir,
     )
+    if args.max_train_samples is not None:
+        if args.max_train_samples < 1:
+            raise UserInputError(f"--max_train_samples must be >= 1, got {args.max_train_samples}.")
+        # The first N rows, whatever they hold: which examples train must not depend on their content.
+        loaded.dataset = loaded.dataset.select(range(min(args.max_train_samples, len(loaded.dataset))))
     if family.needs_labels and loaded.label_column is None:
         raise no_labels_error(loaded.source)
     family.prepare_data(loaded)
@@ -427,7 +518,7 @@ def main(args: argparse.Namespace) -> None:
         num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=engine.planned_steps or 10**9,
     )
-    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema and args.ema_decay > 0 else None
 
     # ---------------------------------------------------------------- resume: weights, optimizer, EMA, RNG, accountant
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -456,7 +547,9 @@ def main(args: argparse.Namespace) -> None:
         set_rng_state(start_state["rng"][min(accelerator.process_index, len(start_state["rng"]) - 1)])
         logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
 
-    loader = torch.utils.data.DataLoader(encoded, batch_size=args.train_batch_size)
+    loader = torch.utils.data.DataLoader(
+        encoded, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
+    )
     model_dp, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -465,7 +558,7 @@ def main(args: argparse.Namespace) -> None:
         seed=args.seed * 1_000_003 + engine.steps if args.insecure_reproducible_noise else None,
     )
     if accelerator.is_main_process:
-        accelerator.init_trackers("dp-ldm", config=_scalars(public_args(args)))
+        accelerator.init_trackers(args.tracker_project_name, config=_scalars(public_args(args)))
         (output_dir / "validation").mkdir(parents=True, exist_ok=True)
         if engine.steps == 0:
             _grid(family, args).save(output_dir / "validation" / "step_000000_public_base.png")
@@ -486,6 +579,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- training loop (logical steps)
     started = time.time()
+    steps_per_epoch = max(1, int(1 / engine.sample_rate))  # Poisson loader's steps per pass, as Opacus counts them
     bar = tqdm(
         total=engine.planned_steps,
         initial=engine.steps,
@@ -523,7 +617,8 @@ def main(args: argparse.Namespace) -> None:
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 _checkpoint(output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler)
                 prune_checkpoints(output_dir, keep=args.checkpoints_total_limit)
-            if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
+            every = args.validation_steps or args.validation_epochs * steps_per_epoch
+            if every and step % every == 0 and accelerator.is_main_process:
                 _grid(family, args).save(output_dir / "validation" / f"step_{step:06d}.png")
         if engine.steps == 0 and engine.finished:
             break
@@ -549,7 +644,7 @@ def main(args: argparse.Namespace) -> None:
         base_model=str(args.pretrained_model_name_or_path),
         private_data=loaded.source,
         unit_of_privacy="one training image",
-        ema_decay=args.ema_decay,
+        ema_decay=args.ema_decay if ema is not None else 0,
         trained_parameters_kind=(
             f"LoRA adapters (rank {args.lora_rank}) on the attention projections"
             if args.use_lora
@@ -687,9 +782,9 @@ def _scalars(d: dict) -> dict:
 
 
 def _grid(family: ModelFamily, args):
-    return family.sample_grid(
-        per_class=args.num_validation_images, num_inference_steps=args.num_inference_steps, seed=args.seed
-    )
+    """A sample grid of about ``--num_validation_images`` images in all, one row per class."""
+    per_row = max(1, math.ceil(args.num_validation_images / family.grid_rows()))
+    return family.sample_grid(per_class=per_row, num_inference_steps=args.num_inference_steps, seed=args.seed)
 
 
 def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) -> None:

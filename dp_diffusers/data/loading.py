@@ -182,9 +182,9 @@ def _load_local_dir(root: Path, split: str) -> tuple[datasets.Dataset, str]:
     return dataset, f"{root} ({split})"
 
 
-def _load_hub(hub_id: str, split: str) -> datasets.Dataset:
+def _load_hub(hub_id: str, split: str, cache_dir: str | None = None) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(hub_id, split=split)
+        return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
     except Exception as e:
         raise UserInputError(
             f"could not load '{hub_id}' (split '{split}') from the Hugging Face Hub ({_one_line(e)}); check the "
@@ -341,6 +341,7 @@ def load_image_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     class_names: tuple[str, ...] | list[str] | None = None,
+    cache_dir: str | None = None,
     num_printed_digits: int = 10000,
     seed: int = 0,
 ) -> LoadedDataset:
@@ -378,7 +379,7 @@ def load_image_dataset(
             source = f"printed digits (rendered from matplotlib's fonts, {num_printed_digits} images, seed {seed})"
     elif name in PRESETS:
         preset = PRESETS[name]
-        dataset, source = _load_hub(preset.hub_id, split), f"{preset.hub_id} ({split})"
+        dataset, source = _load_hub(preset.hub_id, split, cache_dir), f"{preset.hub_id} ({split})"
     else:
         path = Path(name).expanduser()
         parts = [Path(p.strip()).expanduser() for p in name.split(",") if p.strip()]
@@ -395,7 +396,7 @@ def load_image_dataset(
         elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
             raise UserInputError(f"no such file or folder: '{name}'")
         elif _HUB_ID_RE.match(name):
-            dataset, source = _load_hub(name, split), f"{name} ({split})"
+            dataset, source = _load_hub(name, split, cache_dir), f"{name} ({split})"
         else:
             raise UserInputError(
                 f"unknown dataset '{name}': use a preset ({_presets_list()}), a Hub id 'owner/name', a local folder "

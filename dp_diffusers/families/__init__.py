@@ -26,7 +26,7 @@ from .unconditional import UnconditionalLDM, UnconditionalLoss
 FAMILIES: list[type[ModelFamily]] = [ClassConditionalLDM, TextConditionalLDM, DiTFamily, UnconditionalLDM]
 
 
-def read_model_index(name_or_path: str) -> dict:
+def read_model_index(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None) -> dict:
     """The pipeline's ``model_index.json``, from a local folder or the Hub (through huggingface_hub's cache)."""
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "model_index.json")
@@ -40,20 +40,30 @@ def read_model_index(name_or_path: str) -> dict:
             f"No pipeline at {name_or_path!r} (model_index.json missing): check --pretrained_model_name_or_path."
         )
     else:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
 
         try:
-            path = hf_hub_download(name_or_path, "model_index.json")
+            # With HF_HUB_OFFLINE set this reads the local cache only and fails at once when the model is not there.
+            path = hf_hub_download(
+                name_or_path,
+                "model_index.json",
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=constants.HF_HUB_OFFLINE,
+            )
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserInputError(f"Could not fetch {name_or_path!r}/model_index.json from the Hub: {first}") from e
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            raise UserInputError(
+                f"Could not fetch {name_or_path!r}/model_index.json from the Hub{offline}: {first}"
+            ) from e
     with open(path) as f:
         return json.load(f)
 
 
-def family_for(name_or_path: str) -> type[ModelFamily]:
+def family_for(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None) -> type[ModelFamily]:
     """The family of a base pipeline, detected from its own ``model_index.json``."""
-    class_name = read_model_index(name_or_path).get("_class_name")
+    class_name = read_model_index(name_or_path, revision=revision, cache_dir=cache_dir).get("_class_name")
     for family in FAMILIES:
         if class_name in family.pipeline_class_names:
             return family
@@ -61,8 +71,21 @@ def family_for(name_or_path: str) -> type[ModelFamily]:
     raise UserInputError(f"{name_or_path!r} is a {class_name}, which is not supported; supported: {supported}.")
 
 
-def load_family(name_or_path: str, **kwargs) -> ModelFamily:
-    return family_for(name_or_path).from_pretrained(name_or_path, **kwargs)
+def load_family(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+    **kwargs,
+) -> ModelFamily:
+    """The family of ``name_or_path``, loaded with diffusers' ``from_pretrained`` (``revision``, ``variant`` and
+    ``cache_dir`` as there; None: diffusers' defaults)."""
+    hub = {
+        k: v for k, v in {"revision": revision, "variant": variant, "cache_dir": cache_dir}.items() if v is not None
+    }
+    family = family_for(name_or_path, revision=revision, cache_dir=cache_dir)
+    return family.from_pretrained(name_or_path, **hub, **kwargs)
 
 
 __all__ = [

@@ -134,6 +134,10 @@ class ModelFamily:
     def pipeline(self) -> DiffusionPipeline:
         return self.pipe
 
+    def grid_rows(self) -> int:
+        """Rows of :meth:`sample_grid` (one per class; 1 for a plain grid)."""
+        return 1
+
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int) -> Image.Image:
         raise NotImplementedError
 

@@ -121,6 +121,9 @@ class ClassConditionalLDM(ModelFamily):
             cond_drop_prob=cond_drop_prob,
         )
 
+    def grid_rows(self) -> int:
+        return len(self.embedder.id2label)
+
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
         self.pipe.set_progress_bar_config(disable=True)
         return class_grid(self.pipe, per_class=per_class, num_inference_steps=num_inference_steps, seed=seed)

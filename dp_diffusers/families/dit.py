@@ -252,6 +252,9 @@ class DiTFamily(ModelFamily):
         self._untie()
         return self.pipe
 
+    def grid_rows(self) -> int:
+        return len(self._model_ids) or min(4, self.num_model_classes)
+
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
         """One row per private class (no guidance: while training, the null class is not at id 1000)."""
         self.pipe.set_progress_bar_config(disable=True)

@@ -177,6 +177,9 @@ class TextConditionalLDM(ModelFamily):
             return [self.template.format(label=self._id2label[i]) for i in sorted(self._id2label)]
         return [""]
 
+    def grid_rows(self) -> int:
+        return len(self.grid_prompts())
+
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
         self.pipe.set_progress_bar_config(disable=True)
         prompts = [p for p in self.grid_prompts() for _ in range(per_class)]
