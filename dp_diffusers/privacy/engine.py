@@ -25,8 +25,6 @@ Loop::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import warnings
@@ -536,21 +534,8 @@ class DPEngine:
 
     # ------------------------------------------------------------------ state
 
-    def _fingerprint(self) -> str:
-        keys = {
-            "private": self.private,
-            "noise_multiplier": self._noise_multiplier,
-            "sample_rate": self._sample_rate,
-            "dataset_size": self.dataset_size,
-            "max_grad_norm": self.config.max_grad_norm if self.private else None,
-            "noise_multiplicity": self.config.noise_multiplicity,
-            "accountant": self.config.accountant if self.private else None,
-            "delta": self._delta,
-        }
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
     def state_dict(self) -> dict:
-        """Everything needed to resume the accounting: history, steps, sigma, q, N and a config fingerprint."""
+        """Everything needed to resume the accounting: history, steps, sigma, q and N (never any randomness)."""
         return {
             "format": STATE_FORMAT,
             "private": self.private,
@@ -564,7 +549,6 @@ class DPEngine:
             "delta": self._delta,
             "accountant": self.config.accountant if self.private else None,
             "history": [list(entry) for entry in self.accountant.history] if self.private else [],
-            "fingerprint": self._fingerprint(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
