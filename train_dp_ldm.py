@@ -48,6 +48,7 @@ from dp_diffusers.checkpointing import (
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
 from dp_diffusers.data.loading import no_labels_error
+from dp_diffusers.errors import first_line
 from dp_diffusers.families import (
     DEFAULT_PROMPT_TEMPLATE,
     FamilyOptions,
@@ -703,7 +704,7 @@ def main(args: argparse.Namespace) -> None:
         try:
             _push(args, output_dir, released)
         except Exception as e:  # the model is saved; the user needs the reason and the way to retry, not a trace
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             include = " ".join(f'"{name}/*"' if (output_dir / name).is_dir() else f'"{name}"' for name in released)
             raise UserInputError(
                 f"Push to the Hub failed ({first}); the model is saved in {output_dir}. Upload the release only "

@@ -36,6 +36,7 @@ import torch
 
 from dp_diffusers import UserInputError
 from dp_diffusers.atomic import atomic_write_text
+from dp_diffusers.errors import first_line
 from dp_diffusers.evaluation import (
     CLASSIFIERS,
     class_grid,
@@ -113,7 +114,18 @@ def _samples(args, out: Path) -> tuple[np.ndarray, np.ndarray, str, str | None]:
         raise UserInputError("Pass --samples FILE.npz, or --pipeline FOLDER (with --num_samples) to draw samples.")
     from dp_diffusers import DPLDMPipeline
 
-    pipe = DPLDMPipeline.from_pretrained(args.pipeline).to(args.device)
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components"
+    try:
+        pipe = DPLDMPipeline.from_pretrained(args.pipeline).to(args.device)
+    except Exception as e:  # diffusers raises many types; the user needs one line and the fix
+        hint = "no model_index.json there" if not Path(args.pipeline, "model_index.json").is_file() else first_line(e)
+        raise UserInputError(
+            f"Could not load a DPLDMPipeline from --pipeline {args.pipeline!r} ({hint}): pass a folder written by "
+            "train_dp_ldm.py, pretrain_public_ldm.py or save_pretrained, or a Hub repo id."
+        ) from e
     path = args.samples_out or str(out / "samples.npz")
     generate_samples(
         pipe,

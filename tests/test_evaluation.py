@@ -311,12 +311,18 @@ def test_evaluate_cli_end_to_end(tmp_path):
         (["--real_test", "{tmp}/t.npz"], "--pipeline"),
         (["--samples", "{tmp}/t.npz", "--real_test", "{tmp}/t.npz", "--max_train", "1"], "--max_train"),
         (["--samples", "{tmp}/t.npz", "--real_test", "{tmp}/t.npz", "--privacy_json", "{tmp}/p.json"], "privacy"),
+        (["--pipeline", "{tmp}/no-model", "--real_test", "{tmp}/t.npz"], "no model_index.json there"),
+        (["--pipeline", "{tmp}/corrupt", "--real_test", "{tmp}/t.npz"], "Could not load a DPLDMPipeline"),
     ],
 )
-def test_evaluate_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+def test_evaluate_cli_bad_input_is_one_line(tmp_path, capsys, request, args, message):
     import runpy
 
     save_npz(tmp_path / "t.npz", **dict(zip("xy", toy_images(10), strict=True)))
+    if "{tmp}/corrupt" in args:
+        pipe = request.getfixturevalue("tiny_pipe")
+        pipe.save_pretrained(tmp_path / "corrupt")
+        (tmp_path / "corrupt" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     cli = runpy.run_path(str(REPO / "examples" / "evaluate.py"))["cli"]
     argv = [a.format(tmp=tmp_path) for a in args] + ["--output_dir", str(tmp_path / "out"), "--no_progress"]
     assert cli(argv) == 2

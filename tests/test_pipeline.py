@@ -99,12 +99,13 @@ def test_to_dtype_and_progress_bar(tiny_pipe):
     assert tiny_pipe._progress_bar_config["desc"] == "x"
 
 
-def test_missing_or_corrupt_folder(tmp_path, tiny_pipe):
-    with pytest.raises(UserInputError, match="model_index.json missing") as info:
+def test_missing_or_corrupt_folder_raises_diffusers_own_errors(tmp_path, tiny_pipe):
+    """from_pretrained is diffusers' own (no wrapper); the scripts turn its errors into one line (tested there)."""
+    with pytest.raises((OSError, ValueError)) as info:
         DPLDMPipeline.from_pretrained(tmp_path / "does-not-exist")
-    assert "\n" not in str(info.value)
+    assert not isinstance(info.value, UserInputError)
     tiny_pipe.save_pretrained(tmp_path / "p")
     (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(UserInputError, match="Could not load a DPLDMPipeline") as info:
+    with pytest.raises(Exception) as info:
         DPLDMPipeline.from_pretrained(tmp_path / "p")
-    assert "\n" not in str(info.value)
+    assert not isinstance(info.value, UserInputError)

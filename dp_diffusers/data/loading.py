@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserInputError
+from ..errors import UserInputError, first_line
 from .printed_digits import make_printed_digits
 from .sklearn_digits import load_sklearn_digits
 
@@ -127,13 +127,6 @@ _SPLIT_RE = re.compile(rf"^({'|'.join(_SPLIT_NAMES)})(?:[-_.].*)?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _presets_list() -> str:
     return ", ".join(PRESETS)
 
@@ -154,7 +147,7 @@ def _load_parquet(files: list[str], *, source: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset("parquet", data_files={"train": files}, split="train")
     except Exception as e:
-        raise UserInputError(f"could not read the parquet data {source!r} ({_one_line(e)}).") from e
+        raise UserInputError(f"could not read the parquet data {source!r} ({first_line(e)}).") from e
 
 
 def _load_local_dir(root: Path, split: str) -> tuple[datasets.Dataset, str]:
@@ -176,7 +169,7 @@ def _load_local_dir(root: Path, split: str) -> tuple[datasets.Dataset, str]:
         dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split=split)
     except Exception as e:
         raise UserInputError(
-            f"could not load folder '{root}' as an image folder, split '{split}' ({_one_line(e)}); it should hold "
+            f"could not load folder '{root}' as an image folder, split '{split}' ({first_line(e)}); it should hold "
             "parquet files or images in one subfolder per class (optionally under train/ and test/)."
         ) from e
     return dataset, f"{root} ({split})"
@@ -187,7 +180,7 @@ def _load_hub(hub_id: str, split: str, cache_dir: str | None = None) -> datasets
         return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
     except Exception as e:
         raise UserInputError(
-            f"could not load '{hub_id}' (split '{split}') from the Hugging Face Hub ({_one_line(e)}); check the "
+            f"could not load '{hub_id}' (split '{split}') from the Hugging Face Hub ({first_line(e)}); check the "
             "id, the split (--dataset_split) and the network, or pass a local folder or .parquet file."
         ) from e
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import UserInputError
+from ..errors import UserInputError, first_line, looks_local
 from .base import DEFAULT_PROMPT_TEMPLATE, FamilyOptions, ModelFamily, parse_label_map
 from .class_conditional import ClassConditionalLDM, ClassConditionalLoss
 from .dit import DiTFamily, DiTLoss
@@ -35,7 +35,7 @@ def read_model_index(name_or_path: str, *, revision: str | None = None, cache_di
                 f"No pipeline at {name_or_path!r} (model_index.json missing): pass a diffusers pipeline folder to "
                 "--pretrained_model_name_or_path."
             )
-    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif looks_local(name_or_path):
         raise UserInputError(
             f"No pipeline at {name_or_path!r} (model_index.json missing): check --pretrained_model_name_or_path."
         )
@@ -52,7 +52,7 @@ def read_model_index(name_or_path: str, *, revision: str | None = None, cache_di
                 local_files_only=constants.HF_HUB_OFFLINE,
             )
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
             raise UserInputError(
                 f"Could not fetch {name_or_path!r}/model_index.json from the Hub{offline}: {first}"
@@ -85,7 +85,15 @@ def load_family(
         k: v for k, v in {"revision": revision, "variant": variant, "cache_dir": cache_dir}.items() if v is not None
     }
     family = family_for(name_or_path, revision=revision, cache_dir=cache_dir)
-    return family.from_pretrained(name_or_path, **hub, **kwargs)
+    try:
+        return family.from_pretrained(name_or_path, **hub, **kwargs)
+    except UserInputError:
+        raise
+    except Exception as e:  # diffusers/safetensors raise many types; the user needs one line and the fix
+        raise UserInputError(
+            f"Could not load the {family.pipeline_class.__name__} at {name_or_path!r} ({first_line(e)}): re-save or "
+            "re-download it, or check --revision / --variant."
+        ) from e
 
 
 __all__ = [

@@ -14,7 +14,6 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import UserInputError
 from ..models.class_embedder import ClassEmbedder
 
 
@@ -45,23 +44,8 @@ class DPLDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, with one-line errors for a missing or corrupt folder."""
-        path = os.fspath(pretrained_model_name_or_path)
-        looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-        if looks_local and not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise UserInputError(
-                f"No pipeline at {path!r} (model_index.json missing): pass a folder written by save_pretrained, "
-                "train_dp_ldm.py or pretrain_public_ldm.py, or a Hub repo id."
-            )
-        try:
-            return super().from_pretrained(path, **kwargs)
-        except UserInputError:
-            raise
-        except Exception as e:  # diffusers/safetensors raise many types; the user needs one line and the fix
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserInputError(
-                f"Could not load a DPLDMPipeline from {path!r}: {first} (re-save or re-download the model)."
-            ) from e
+        """``DiffusionPipeline.from_pretrained``, also for a ``pathlib.Path`` (diffusers expects a string)."""
+        return super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
         """Load LoRA weights in diffusers' format (e.g. ``pytorch_lora_weights.safetensors`` written by
