@@ -562,7 +562,8 @@ class FakeHub:
     """Just enough of the Hub API for ``create_repo`` + ``upload_folder`` (huggingface_hub 2.x): every file is
     answered "regular" at preupload, so its bytes arrive base64-encoded inside the NDJSON commit."""
 
-    def __init__(self):
+    def __init__(self, *, fail_commit: bool = False):
+        self.fail_commit = fail_commit  # answer the upload's commit with a 500, as a Hub outage mid-upload would
         self.requests: list[dict] = []
         self.files: dict[str, bytes] = {}
         self.unexpected: list[str] = []
@@ -630,6 +631,8 @@ class FakeHub:
                     modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                     return self._reply(200, {"files": modes})
                 if self.command == "POST" and path.startswith("/api/models/") and "/commit/" in path:
+                    if hub.fail_commit:
+                        return self._reply(500, {"error": "Internal Server Error"})
                     for line in body.splitlines():
                         item = json.loads(line)
                         if item["key"] == "file" and item["value"]["encoding"] == "base64":
@@ -648,6 +651,26 @@ class FakeHub:
             do_GET = do_POST = do_PUT = do_HEAD = _handle
 
         return Handler
+
+
+def test_a_failed_push_keeps_the_model_and_says_how_to_upload_the_release_only(base_model, tmp_path):
+    out = tmp_path / "failed"
+    argv = cli(base_model, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    argv += ["--push_to_hub", "--hub_model_id", "me/tiny"]
+    with FakeHub(fail_commit=True) as hub:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), *argv],
+            cwd=REPO,
+            env=subprocess_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_x"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    line = assert_one_line_error(proc.returncode, proc.stderr, "Push to the Hub failed", "the model is saved")
+    assert f"hf upload me/tiny {out} --include" in line and '"privacy.json"' in line and '"unet/*"' in line
+    assert "checkpoint" not in line.split("--include")[1] and "logs" not in line.split("--include")[1]
+    assert (out / "model_index.json").is_file() and privacy_of(out)["steps"] == 1
+    assert (out / "checkpoint-1").is_dir()
 
 
 def test_push_to_hub_uploads_the_model_and_privacy_files_and_only_sends_the_token_as_auth(base_model, tmp_path):
