@@ -600,6 +600,13 @@ def main(args: argparse.Namespace) -> None:
             if not engine.step():
                 continue
             lr_scheduler.step()
+            # Post-processing of the released (noised) weights, so free for privacy; a NaN *loss* is not looked at.
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise UserInputError(
+                    f"Step {engine.steps}: the trained weights became NaN or inf; nothing was written beyond the last "
+                    "checkpoint. Lower --learning_rate (or use --lr_warmup_steps), or train in fp32 "
+                    "(--mixed_precision no)."
+                )
             if ema is not None:
                 ema.step(params)
             if args.log_private_loss and loss is not None and loss.numel():  # NOT covered by the DP guarantee

@@ -461,6 +461,7 @@ BAD_INPUT = {
         ],  # fmt: skip
         ["Labels span 0..11", "10 classes"],
     ),
+    "weights_diverge": (["--learning_rate", "1e37"], ["Step 2", "NaN or inf", "--learning_rate"]),
     "ghost_under_bf16": (["--grad_sample_mode", "ghost", "--mixed_precision", "bf16"], ["clip bound", "bookkeeping"]),
     "label_set_not_declared": (["--dataset_name", "{twelve}"], ["declares no label set", "--class_names"]),
     "push_non_private": (["--disable_dp", "--push_to_hub"], ["--allow_non_private_push"]),
