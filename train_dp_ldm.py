@@ -47,7 +47,7 @@ from dp_diffusers.checkpointing import (
     set_rng_state,
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
-from dp_diffusers.data.loading import no_labels_error
+from dp_diffusers.data.loading import drop_unreadable_images, no_labels_error
 from dp_diffusers.errors import first_line
 from dp_diffusers.families import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Train on the first N examples only (debugging, quick trials); N is public, like the data set size.",
+    )
+    g.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="Leave out images that cannot be decoded (corrupt, truncated), with their count; without it they stop "
+        "the run with a one-line error.",
     )
     g.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of a Hub base model.")
     g.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16 files.")
@@ -448,6 +454,9 @@ def main(args: argparse.Namespace) -> None:
         class_names=parse_class_names(args.class_names),
         cache_dir=args.cache_dir,
     )
+    loaded, skipped = drop_unreadable_images(loaded, skip=args.skip_bad_images)
+    if skipped:
+        logger.warning(f"--skip_bad_images: left out {skipped} image(s) that cannot be decoded.")
     if args.max_train_samples is not None:
         if args.max_train_samples < 1:
             raise UserInputError(f"--max_train_samples must be >= 1, got {args.max_train_samples}.")

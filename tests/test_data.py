@@ -375,3 +375,24 @@ def test_as_torch_dataset_items():
     for in_memory in (True, False):
         item = as_torch_dataset(unconditional, resolution=28, channels=1, in_memory=in_memory)[4]
         assert int(item["labels"]) == -1
+
+
+def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path):
+    from dp_diffusers.data.loading import drop_unreadable_images
+
+    for label in ("cat", "dog"):
+        (tmp_path / "pets" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "pets" / label / f"{i}.png")
+    good = (tmp_path / "pets" / "cat" / "0.png").read_bytes()
+    (tmp_path / "pets" / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "pets" / "dog" / "text.png").write_bytes(b"not an image at all")
+    loaded = load_image_dataset(str(tmp_path / "pets"))
+    assert len(loaded.dataset) == 8
+    with pytest.raises(UserInputError, match=r"2 image\(s\) .* cannot be decoded.*--skip_bad_images"):
+        drop_unreadable_images(loaded, skip=False)
+    kept, skipped = drop_unreadable_images(loaded, skip=True)
+    assert skipped == 2 and len(kept.dataset) == 6 and kept.id2label == loaded.id2label
+    assert len(as_torch_dataset(kept, resolution=8, channels=3)) == 6  # every kept image decodes
+    clean = load_image_dataset(str(tmp_path / "pets" / "dog"))  # one class folder: no labels, still checked
+    assert drop_unreadable_images(clean, skip=True)[1] == 1

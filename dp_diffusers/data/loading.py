@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -439,6 +439,52 @@ def load_image_dataset(
         preset=preset,
         label_set_source=label_set_source,
     )
+
+
+def _open(value) -> Image.Image:
+    """An undecoded ``datasets.Image`` value (``{"bytes", "path"}``) as a fully loaded PIL image."""
+    import io
+
+    data = value.get("bytes") if isinstance(value, dict) else None
+    path = value.get("path") if isinstance(value, dict) else value
+    image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+    image.load()  # decodes the pixels: a truncated file fails here, not at open
+    return image
+
+
+def drop_unreadable_images(loaded: LoadedDataset, *, skip: bool) -> tuple[LoadedDataset, int]:
+    """Decodes every image once. Unreadable ones (corrupt, truncated, not an image) stop the run with a one-line
+    error giving their count, or with ``skip`` are left out; returns the data set and how many were left out.
+
+    Which images are left out depends only on each file on its own (whether it decodes), never on the others."""
+    from tqdm.auto import tqdm
+
+    column = loaded.image_column
+    raw = loaded.dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    bad: list[int] = []
+    first_error = None
+    n = len(raw)
+    with tqdm(total=n, desc="Checking images", unit="img", disable=n < _MIN_PROGRESS) as bar:
+        for start in range(0, n, _DECODE_BATCH):
+            for j, value in enumerate(raw[start : start + _DECODE_BATCH][column]):
+                try:
+                    _open(value)
+                except Exception as e:  # PIL raises many types for bad files
+                    bad.append(start + j)
+                    first_error = first_error or (start + j, first_line(e))
+            bar.update(min(_DECODE_BATCH, n - start))
+    if not bad:
+        return loaded, 0
+    if not skip:
+        row, error = first_error
+        raise UserInputError(
+            f"{len(bad)} image(s) of '{loaded.source}' cannot be decoded (first: row {row}, {error}): fix or remove "
+            "them, or pass --skip_bad_images to train without them."
+        )
+    if len(bad) == n:
+        raise UserInputError(f"none of the {n} images of '{loaded.source}' can be decoded.")
+    keep = sorted(set(range(n)) - set(bad))
+    return replace(loaded, dataset=loaded.dataset.select(keep)), len(bad)
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
