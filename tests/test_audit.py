@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +45,16 @@ JSON_KEYS = {
     "confidence",
     "command",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a 2-core machine shared with another job two threads
+    thrash (a tiny white-box run: 13 s with one thread, over 60 s with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +279,22 @@ def test_example_prints_error_and_exits_2_without_the_extra(monkeypatch, tmp_pat
     assert not (tmp_path / "o").exists()  # failed before creating anything
 
 
+def module_level_imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.parse(path.read_text()).body:  # top level only: imports inside functions are lazy
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
 def test_training_code_never_imports_jax_or_the_audit():
-    code = (
-        "import sys, dp_diffusers, dp_diffusers.privacy, dp_diffusers.audit\n"
-        "bad = [m for m in ('jax', 'jax_privacy') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
-    for source in (REPO / "dp_diffusers" / "privacy").glob("*.py"):
-        assert "audit" not in source.read_text(), source
+    """jax is imported lazily, inside the audit's functions; the privacy package does not know the audit."""
+    audit_imports = module_level_imports(REPO / "dp_diffusers" / "audit.py")
+    assert not any("jax" in name for name in audit_imports), audit_imports
+    for source in [REPO / "train_dp_ldm.py", *(REPO / "dp_diffusers" / "privacy").glob("*.py")]:
+        text = source.read_text()
+        assert "audit" not in text and "jax" not in text, source
