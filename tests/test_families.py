@@ -155,7 +155,10 @@ def assert_privacy_and_card(out: Path, base: Path, family: str, usage: str) -> d
     assert privacy["trained_parameters_kind"].startswith("full attention weights")
     assert 0 < privacy["trainable_parameters"] < privacy["total_parameters"]
     card = ModelCard.load(out / "README.md")
-    assert f"`{base}`, pre-trained on {privacy['base_model_pretraining_data']}" in " ".join(card.text.split())
+    text = " ".join(card.text.split())
+    # A local base is named by its folder, never by an absolute path of the machine that trained it.
+    assert f"a local folder, `{Path(base).name}`, pre-trained on {privacy['base_model_pretraining_data']}" in text
+    assert str(base) not in text and card.data.to_dict().get("base_model") is None
     assert f"({format_epsilon(privacy['epsilon'])}, {format_epsilon(privacy['delta'], digits=3)})-DP" in card.text
     assert usage in card.text and "DPLDMPipeline" not in card.text
     assert privacy["trained_parameters_kind"] in card.text
