@@ -611,6 +611,7 @@ def main(args: argparse.Namespace) -> None:
             lr_scheduler.step()
             # Post-processing of the released (noised) weights, so free for privacy; a NaN *loss* is not looked at.
             if not all(bool(torch.isfinite(p).all()) for p in params):
+                bar.close()  # the error line then starts on a line of its own
                 raise UserInputError(
                     f"Step {engine.steps}: the trained weights became NaN or inf; nothing was written beyond the last "
                     "checkpoint. Lower --learning_rate (or use --lr_warmup_steps), or train in fp32 "
