@@ -227,7 +227,15 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
         for i in range(8):
             pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels, mode="RGB").save(folder / cls / f"{i}.png")
-    return {"no_label": root / "no_label.parquet", "twelve": root / "twelve_classes.parquet", "rgb": folder}
+    bad = root / "bad_images"
+    shutil.copytree(folder, bad)
+    (bad / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")
+    return {
+        "no_label": root / "no_label.parquet",
+        "twelve": root / "twelve_classes.parquet",
+        "rgb": folder,
+        "bad_images": bad,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- 1. weights
@@ -465,6 +473,18 @@ BAD_INPUT = {
     "ghost_under_bf16": (["--grad_sample_mode", "ghost", "--mixed_precision", "bf16"], ["clip bound", "bookkeeping"]),
     "label_set_not_declared": (["--dataset_name", "{twelve}"], ["declares no label set", "--class_names"]),
     "push_non_private": (["--disable_dp", "--push_to_hub"], ["--allow_non_private_push"]),
+    "unreadable_images": (
+        ["--dataset_name", "{bad_images}"],
+        ["1 image(s)", "cannot be decoded", "--skip_bad_images"],
+    ),
+    "class_names_twice": (["--class_names", "a,b,a"], ["names a class twice"]),
+    "class_names_against_the_schema": (["--class_names", "a,b"], ["declares the classes", "--class_names"]),
+    "max_train_samples_zero": (["--max_train_samples", "0"], ["--max_train_samples must be >= 1"]),
+    "overwrite_and_resume": (
+        ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
+        ["--overwrite_output_dir", "--resume_from_checkpoint"],
+    ),
+    "fp16_refused": (["--mixed_precision", "fp16"], ["--mixed_precision", "invalid choice"]),
     "missing_base_model": (["--pretrained_model_name_or_path", "{missing}"], ["No pipeline at", "model_index.json"]),
     # (--noise_multiplier: skips calibrating sigma, which these cases would reach before failing)
     "missing_checkpoint": (
