@@ -372,6 +372,71 @@ def test_resume_ends_with_the_same_steps_and_epsilon(script, run_a, base_model, 
     assert_only_trained_changed(base_model, out)
 
 
+KILLABLE = """
+import sys, time
+import dp_diffusers.checkpointing as checkpointing
+
+slow = int(sys.argv[1])  # >= 0: sleep inside the atomic write of checkpoint-<slow>, so a kill lands mid-write
+real_save = checkpointing.save_file
+
+def save_file(tensors, path, *args, **kwargs):
+    real_save(tensors, path, *args, **kwargs)
+    if f".checkpoint-{slow}.tmp-" in str(path):
+        print("WRITING", flush=True)
+        time.sleep(600)
+
+checkpointing.save_file = save_file
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_three_sigkills_one_mid_checkpoint_then_resume_end_like_an_uninterrupted_run(base_model, tmp_path):
+    """SIGKILL after checkpoint 2, while checkpoint 3 is being written, and after checkpoint 4; the resumed run ends
+    with the planned steps and the epsilon of an uninterrupted run, and no half-written checkpoint is ever used."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    wrapper = tmp_path / "killable.py"
+    wrapper.write_text(KILLABLE)
+    steps = 6
+    argv = cli(base_model, out, "--max_train_steps", str(steps), "--checkpointing_steps", "1")
+    argv += ["--checkpoints_total_limit", "10", "--ema_decay", "0"]
+
+    def run_until(condition, *, slow: int, resume: bool) -> None:
+        extra = ["--resume_from_checkpoint", "latest"] if resume else []
+        proc = subprocess.Popen(
+            [sys.executable, str(wrapper), str(slow), str(SCRIPT), *argv, *extra],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 300
+        while not condition(proc) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    done = lambda k: lambda proc: (out / f"checkpoint-{k}" / "state.pt").is_file()  # noqa: E731
+    run_until(done(2), slow=-1, resume=False)
+    writing = lambda proc: any(out.glob(".checkpoint-3.tmp-*/trained.safetensors"))  # noqa: E731
+    run_until(writing, slow=3, resume=True)
+    assert not (out / "checkpoint-3").exists() and any(out.glob(".checkpoint-3.tmp-*"))  # left half-written
+    run_until(done(4), slow=-1, resume=True)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv, "--resume_from_checkpoint", "latest"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    privacy = privacy_of(out)
+    assert privacy["steps"] == steps
+    sigma, q = privacy["noise_multiplier"], privacy["sample_rate"]
+    assert privacy["epsilon"] == pytest.approx(independent_epsilon(sigma, q, steps, privacy["delta"]), rel=1e-6)
+    assert [tuple(h) for h in _engine_state(out / f"checkpoint-{steps}")["history"]] == [(sigma, q, steps)]
+    assert_only_trained_changed(base_model, out)
+
+
 def test_resume_with_another_noise_multiplier_is_refused_by_the_process(run_a, base_model, tmp_path):
     out = tmp_path / "refused"
     shutil.copytree(run_a[0] / "checkpoint-2", out / "checkpoint-2")
