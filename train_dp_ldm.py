@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train on the first N examples only (debugging, quick trials); N is public, like the data set size.",
     )
     g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Train and sample at this image size (private images are center-cropped and resized to it), e.g. "
+        "Stable Diffusion at 256 instead of 512 to save compute. Default: the base model's own size.",
+    )
+    g.add_argument(
         "--skip_bad_images",
         action="store_true",
         help="Leave out images that cannot be decoded (corrupt, truncated), with their count; without it they stop "
@@ -444,6 +451,9 @@ def main(args: argparse.Namespace) -> None:
             f"there is network (`hf download {base} --local-dir <folder>`), then pass "
             "--pretrained_model_name_or_path=<folder>."
         ) from e
+
+    if args.resolution is not None:
+        family.set_resolution(args.resolution)
 
     # ---------------------------------------------------------------- private data, encoded once by the frozen VAE
     loaded = load_image_dataset(

@@ -94,6 +94,29 @@ class ModelFamily:
         """Image side the model generates: the denoiser's latent size times the autoencoder's downsampling."""
         return sample_size(self.denoiser.config) * vae_scale_factor(self.vae)
 
+    #: Whether the denoiser takes inputs of other sizes than the one it was trained on (a UNet does; DiT's position
+    #: embedding fixes its size).
+    resizable: bool = True
+
+    def set_resolution(self, resolution: int) -> None:
+        """Train and sample at ``resolution`` pixels instead of the base model's own (e.g. Stable Diffusion at 256 to
+        save compute): the denoiser's configured ``sample_size`` becomes the latent side. Refuses sizes the model
+        cannot take (one line naming the sizes that work); its weights are untouched."""
+        factor = vae_scale_factor(self.vae)
+        if resolution == self.resolution:
+            return
+        if not self.resizable:
+            raise UserInputError(
+                f"a {self.name} base model generates {self.resolution}x{self.resolution} images only (its position "
+                f"embedding fixes the size): drop --resolution={resolution}."
+            )
+        if resolution < factor or resolution % factor:
+            raise UserInputError(
+                f"--resolution={resolution} is not a multiple of the autoencoder's downsampling factor {factor}: use "
+                f"e.g. {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor}."
+            )
+        self.denoiser.register_to_config(sample_size=resolution // factor)
+
     @property
     def channels(self) -> int:
         return int(self.vae.config.in_channels)

@@ -118,6 +118,8 @@ class DiTFamily(ModelFamily):
     """The ``DiTPipeline`` family: denoiser ``transformer`` (its ``Attention`` modules train), embedder: the tied
     compact label table (see the module docstring), frozen ``vae``."""
 
+    resizable = False
+
     name = "dit"
     pipeline_class = DiTPipeline
     pipeline_class_names = ("DiTPipeline",)
