@@ -496,23 +496,25 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
             confidence=cfg.confidence,
         )
     np.savez(out / "scores.npz", scores=scores, included=included, coordinates=coordinates, counts=canaries.counts)
-    result = AuditResult(
+    return _finish(
+        out,
+        bounds,
         name=cfg.name or _white_box_name(cfg, sigma),
         setting=WHITE_BOX,
         disable_dp=cfg.disable_dp or sigma == 0,
         epsilon_accounted=epsilon,
         delta=bounds_delta,
-        epsilon_lower_bound=bounds["epsilon_lower_bound"],
-        epsilon_one_run=bounds["epsilon_one_run"],
-        epsilon_one_run_fdp=bounds["epsilon_one_run_fdp"],
-        auc=bounds["auc"],
-        m=bounds["m"],
-        m_included=bounds["m_included"],
         confidence=cfg.confidence,
         command=cfg.command,
         wall_seconds=round(time.time() - started, 1),
         details=details,
     )
+
+
+def _finish(out: Path, bounds: dict, **fields) -> AuditResult:
+    """The run's ``AuditResult`` (its bounds and the given fields), written to ``out`` as audit.json and audit.md."""
+    keys = ("epsilon_lower_bound", "epsilon_one_run", "epsilon_one_run_fdp", "auc", "m", "m_included")
+    result = AuditResult(**{k: bounds[k] for k in keys}, **fields)
     write_report(result, out)
     return result
 
@@ -694,25 +696,19 @@ def run_black_box(*, config: BlackBoxConfig, output_dir: str | Path, progress: b
         "threshold_strategy": bounds["threshold_strategy"],
     }
     eps = None if cfg.disable_dp else privacy.get("epsilon")
-    result = AuditResult(
+    return _finish(
+        out,
+        bounds,
         name=cfg.name or ("black-box, --disable_dp" if cfg.disable_dp else f"black-box, epsilon {cfg.epsilon:g}"),
         setting=BLACK_BOX,
         disable_dp=cfg.disable_dp,
         epsilon_accounted=eps,
         delta=delta,
-        epsilon_lower_bound=bounds["epsilon_lower_bound"],
-        epsilon_one_run=bounds["epsilon_one_run"],
-        epsilon_one_run_fdp=bounds["epsilon_one_run_fdp"],
-        auc=bounds["auc"],
-        m=bounds["m"],
-        m_included=bounds["m_included"],
         confidence=cfg.confidence,
         command=cfg.command,
         wall_seconds=round(time.time() - started, 1),
         details=details,
     )
-    write_report(result, out)
-    return result
 
 
 def _auc_per_column(per_t: np.ndarray, included: np.ndarray) -> list[float]:

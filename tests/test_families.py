@@ -7,7 +7,6 @@ presets and the refusal of bases pre-trained on the private data are checked off
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import runpy
 import sys
@@ -34,14 +33,6 @@ RUN = [
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="session")
-def script():
-    spec = importlib.util.spec_from_file_location("train_dp_ldm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
