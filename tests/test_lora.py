@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_families import RUN, bases, engine_vs_loop, randomness, rgb_folder, script  # noqa: F401 (fixtures)
+from test_families import RUN, bases, engine_vs_loop, randomness, rgb_folder  # noqa: F401 (fixtures)
 
 from dp_diffusers.errors import UserInputError
 

@@ -128,7 +128,7 @@ def main() -> None:
         "--resume_from_checkpoint",
         "latest",
         "--num_validation_images",
-        "8",
+        "80",
         "--report_to",
         "none",
     ]
