@@ -177,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of the full attention weights.",
     )
     g.add_argument(
-        "--rank", "--lora_rank", dest="lora_rank", type=int, default=4, help="LoRA rank r (with --use_lora)."
+        "--rank",
+        "--lora_rank",
+        dest="lora_rank",
+        metavar="RANK",
+        type=int,
+        default=4,
+        help="LoRA rank r (with --use_lora).",
     )
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha / r). Default: the rank.")
 
