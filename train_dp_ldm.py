@@ -60,7 +60,14 @@ from dp_diffusers.families import (
 )
 from dp_diffusers.lora import add_lora, save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
-from dp_diffusers.privacy import GRAD_SAMPLE_MODES, DPEngine, PrivacyConfig, format_epsilon, repeat_rows
+from dp_diffusers.privacy import (
+    GRAD_SAMPLE_MODES,
+    DPEngine,
+    PrivacyConfig,
+    epsilon_after,
+    format_epsilon,
+    repeat_rows,
+)
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
 
@@ -248,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--disable_dp", action="store_true", help="NON-PRIVATE baseline: no clipping, no noise.")
     g.add_argument(
+        "--plan",
+        action="store_true",
+        help="Dry run: print sigma, q, steps, epochs, noise-to-signal, epsilon and the estimated time for these flags "
+        "(timed on random images), then exit. Reads the private data's size N only; writes nothing.",
+    )
+    g.add_argument(
         "--insecure_reproducible_noise",
         action="store_true",
         help="Debugging only: draw the DP noise and the Poisson sampling from --seed, so that the run can be "
@@ -427,7 +440,7 @@ def main(args: argparse.Namespace) -> None:
             "=" * 20 + " NOT A VALID DP RELEASE: --insecure_reproducible_noise draws the DP noise and the sampling "
             "from --seed; anyone who knows it can replay the run " + "=" * 20
         )
-    previous_release = claim_output_dir(output_dir, args, is_main=accelerator.is_main_process)
+    previous_release = None if args.plan else claim_output_dir(output_dir, args, is_main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- public model family
@@ -470,14 +483,17 @@ def main(args: argparse.Namespace) -> None:
         class_names=parse_class_names(args.class_names),
         cache_dir=args.cache_dir,
     )
-    loaded, skipped = drop_unreadable_images(loaded, skip=args.skip_bad_images)
-    if skipped:
-        logger.warning(f"--skip_bad_images: left out {skipped} image(s) that cannot be decoded.")
     if args.max_train_samples is not None:
         if args.max_train_samples < 1:
             raise UserInputError(f"--max_train_samples must be >= 1, got {args.max_train_samples}.")
         # The first N rows, whatever they hold: which examples train must not depend on their content.
         loaded.dataset = loaded.dataset.select(range(min(args.max_train_samples, len(loaded.dataset))))
+    if args.plan:
+        plan(args, family, loaded, accelerator.device)
+        return
+    loaded, skipped = drop_unreadable_images(loaded, skip=args.skip_bad_images)
+    if skipped:
+        logger.warning(f"--skip_bad_images: left out {skipped} image(s) that cannot be decoded.")
     if family.needs_labels and loaded.label_column is None:
         raise no_labels_error(loaded.source)
     family.prepare_data(loaded)
@@ -497,46 +513,14 @@ def main(args: argparse.Namespace) -> None:
         logger.info(mapping)
 
     # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
-    trainable = TrainableConfig(
-        scope=args.trainable_scope,
-        attention_layers=args.attention_layers,
-        target_modules=_target_modules(args.target_modules),
-        train_embedder=not args.freeze_embedder,
-    )
-    if args.use_lora:
-        report = add_lora(
-            family.denoiser,
-            rank=args.lora_rank,
-            alpha=args.lora_alpha,
-            config=trainable,
-            embedder=family.embedder,
-            block_classes=family.attention_block_classes,
-        )
-    else:
-        report = select_trainable(
-            family.denoiser, config=trainable, embedder=family.embedder, block_classes=family.attention_block_classes
-        )
+    report = _select_trainable(args, family)
     logger.info(f"{report} ({len(report.modules)} modules)")
     model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- privacy engine (Opacus)
-    privacy = PrivacyConfig(
-        target_epsilon=None if args.disable_dp else args.epsilon,
-        delta=args.delta,
-        noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm,
-        accountant=args.accountant,
-        grad_sample_mode=args.grad_sample_mode,
-        noise_multiplicity=args.noise_multiplicity,
-        expected_batch_size=args.train_batch_size,
-        max_physical_batch_size=args.max_physical_batch_size,
-        epochs=args.num_train_epochs,
-        max_steps=args.max_train_steps,
-        disable_dp=args.disable_dp,
-    )
-    engine = DPEngine(config=privacy, dataset_size=len(encoded))
+    engine = DPEngine(config=_privacy_config(args), dataset_size=len(encoded))
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -803,6 +787,117 @@ def claim_output_dir(output_dir: Path, args, *, is_main: bool) -> dict | None:
         if finished or checkpoints:
             logger.warning(f"--overwrite_output_dir: removed the earlier run in {output_dir}.")
     return previous
+
+
+def _select_trainable(args, family: ModelFamily):
+    """Unfreezes what trains (attention blocks / LoRA adapters, the embedder); returns the report."""
+    trainable = TrainableConfig(
+        scope=args.trainable_scope,
+        attention_layers=args.attention_layers,
+        target_modules=_target_modules(args.target_modules),
+        train_embedder=not args.freeze_embedder,
+    )
+    if args.use_lora:
+        return add_lora(
+            family.denoiser,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            config=trainable,
+            embedder=family.embedder,
+            block_classes=family.attention_block_classes,
+        )
+    return select_trainable(
+        family.denoiser, config=trainable, embedder=family.embedder, block_classes=family.attention_block_classes
+    )
+
+
+def _privacy_config(args, **overrides) -> PrivacyConfig:
+    settings = dict(
+        target_epsilon=None if args.disable_dp else args.epsilon,
+        delta=args.delta,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        accountant=args.accountant,
+        grad_sample_mode=args.grad_sample_mode,
+        noise_multiplicity=args.noise_multiplicity,
+        expected_batch_size=args.train_batch_size,
+        max_physical_batch_size=args.max_physical_batch_size,
+        epochs=args.num_train_epochs,
+        max_steps=args.max_train_steps,
+        disable_dp=args.disable_dp,
+    )
+    return PrivacyConfig(**{**settings, **overrides})
+
+
+def plan(args, family: ModelFamily, loaded, device) -> dict:
+    """``--plan``: what these flags would do, from the data set's size N alone: no private image is decoded and no
+    step runs on private data. The time per step is measured on random (public) images of the model's shape."""
+    n = len(loaded.dataset)
+    engine = DPEngine(config=_privacy_config(args), dataset_size=n)
+    steps = engine.planned_steps
+    family.adopt_labels(loaded.id2label)  # public names
+    report = _select_trainable(args, family)
+    per_step = _seconds_per_step(args, family, device, engine.noise_multiplier)
+    private = engine.private and steps
+    eps = (
+        epsilon_after(
+            [(engine.noise_multiplier, engine.sample_rate, steps)], accountant=args.accountant, delta=engine.delta
+        )
+        if private
+        else None
+    )
+    facts = {
+        "dataset_size": n,
+        "sample_rate": engine.sample_rate,
+        "expected_batch_size": args.train_batch_size,
+        "planned_steps": steps,
+        "epochs": None if steps is None else steps * args.train_batch_size / n,
+        "noise_multiplier": engine.noise_multiplier,
+        "noise_to_signal": engine.noise_to_signal,
+        "epsilon_after_planned_steps": eps,
+        "delta": engine.delta,
+        "trainable_parameters": report.trainable,
+        "seconds_per_step": per_step,
+        "estimated_seconds": None if per_step is None or steps is None else per_step * steps,
+    }
+    for key, value in facts.items():
+        shown = "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+        if key.startswith("epsilon") and value is not None:
+            shown = format_epsilon(value)  # rounded up
+        print(f"{key:>28}: {shown}")
+    if engine.private and engine.noise_to_signal > NOISE_TO_SIGNAL_WARNING:
+        print(f"warning: noise-to-signal above {NOISE_TO_SIGNAL_WARNING:g}: training can hardly move the model.")
+    return facts
+
+
+def _seconds_per_step(args, family: ModelFamily, device, sigma: float | None) -> float | None:
+    """Seconds of one logical step, from two timed steps on random images (public noise, not private data)."""
+    p = min(args.max_physical_batch_size or args.train_batch_size, args.train_batch_size)
+    shape = (family.channels, family.resolution, family.resolution)
+    g = torch.Generator().manual_seed(0)
+    fake = [{"pixel_values": torch.rand(shape, generator=g) * 2 - 1, "labels": torch.tensor(0)} for _ in range(p)]
+    try:
+        encoded = family.encode(fake, device=device, progress=False)
+    except (RuntimeError, UserInputError):  # a family that needs more than images (Stable Diffusion's prompts)
+        return None
+    model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(device).train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    noise = {} if args.disable_dp else {"noise_multiplier": sigma, "target_epsilon": None}
+    cfg = _privacy_config(args, expected_batch_size=p, max_physical_batch_size=p, epochs=None, max_steps=3, **noise)
+    engine = DPEngine(config=cfg, dataset_size=p)  # q = 1: every step holds all p random examples
+    loader = torch.utils.data.DataLoader(encoded, batch_size=p)
+    module, _, loader = engine.make_private(
+        module=model, optimizer=torch.optim.AdamW(params), data_loader=loader, seed=0
+    )  # fmt: skip
+    times = []
+    while not engine.finished:
+        for batch in engine.physical_batches(loader):
+            started = time.time()
+            rows = repeat_rows([t.to(device) for t in batch], args.noise_multiplicity)
+            engine.backward(module(*rows))
+            engine.step()
+            times.append(time.time() - started)
+    return min(times[1:]) * args.train_batch_size / p
 
 
 def _target_modules(values: list[str] | None) -> str | list[str] | None:

@@ -578,6 +578,23 @@ def test_bad_input_is_one_line_error_and_writes_no_model(case, base_model, data_
     assert not (out / "privacy.json").exists()
 
 
+def test_plan_prints_the_numbers_and_writes_nothing(script, base_model, tmp_path, capsys):
+    out = tmp_path / "planned"
+    capsys.readouterr()
+    args = script.parse_args(cli(base_model, out, "--plan", "--max_train_steps", "8", "--epsilon", "0.05"))
+    script.main(args)
+    printed = capsys.readouterr().out
+    assert not out.exists()  # no folder, no grid, no checkpoint
+    for key in ("planned_steps", "noise_multiplier", "noise_to_signal", "sample_rate", "estimated_seconds"):
+        assert key in printed
+    assert "planned_steps: 8" in printed and "warning: noise-to-signal above 0.1" in printed
+    facts = script.plan(args, script.load_family(str(base_model)), script.load_image_dataset("digits"), "cpu")
+    assert facts["dataset_size"] == N_DIGITS and facts["sample_rate"] == 64 / N_DIGITS
+    assert facts["noise_to_signal"] == facts["noise_multiplier"] / 64 > 0.1
+    assert facts["seconds_per_step"] > 0 and facts["estimated_seconds"] == facts["seconds_per_step"] * 8
+    assert facts["epsilon_after_planned_steps"] <= 0.05
+
+
 def test_resolution_trains_and_samples_at_another_size(script, base_model, tmp_path):
     out = tmp_path / "r56"
     with capture_output() as buf:
