@@ -534,27 +534,8 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info(f"No checkpoint under {output_dir}: starting a new run.")
-    start_state = None
     if checkpoint is not None:
-        trained, ema_tensors, start_state = load_checkpoint(checkpoint)
-        if sorted(trained) != sorted(names):
-            raise UserInputError(
-                f"{checkpoint} trained other parameters than this run selects: resume with the same "
-                "--trainable_scope, --attention_layers, --target_modules, --freeze_embedder, --use_lora and "
-                "--lora_rank."
-            )
-        engine.load_state_dict(start_state["engine"])  # refuses a different sigma, q, N or accountant
-        with torch.no_grad():
-            for n, p in zip(names, params, strict=True):
-                p.copy_(trained[n])
-        optimizer.load_state_dict(start_state["optimizer"])
-        lr_scheduler.load_state_dict(start_state["lr_scheduler"])
-        if ema is not None and ema_tensors is not None:
-            ema.shadow_params = [ema_tensors[n].to(p.device) for n, p in zip(names, params, strict=True)]
-            ema.optimization_step = int(start_state.get("ema_step", engine.steps))
-        # Loss-side randomness only (timesteps, diffusion noise, label dropout): the DP noise and the Poisson masks
-        # come from fresh OS entropy on every (re)start and are in no checkpoint.
-        set_rng_state(start_state["rng"][min(accelerator.process_index, len(start_state["rng"]) - 1)])
+        _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, rank=accelerator.process_index)
         logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
 
     loader = torch.utils.data.DataLoader(
@@ -919,7 +900,7 @@ def _grid(family: ModelFamily, args):
 def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) -> None:
     state = {
         "engine": engine.state_dict(),
-        "optimizer": _unwrapped_optimizer(optimizer).state_dict(),
+        "optimizer": optimizer.state_dict(),  # a DPOptimizer's is its wrapped optimizer's (Opacus)
         "lr_scheduler": lr_scheduler.state_dict(),
         "step": engine.steps,
         "ema_step": ema.optimization_step if ema is not None else 0,
@@ -934,8 +915,27 @@ def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) 
     )
 
 
-def _unwrapped_optimizer(optimizer):
-    return getattr(optimizer, "original_optimizer", optimizer)
+def _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, *, rank: int) -> None:
+    """What ``_checkpoint`` saved, put back: trained weights, engine (accountant), optimizer, schedule, EMA and the
+    loss-side RNG. The DP noise and the Poisson masks draw fresh OS entropy on every (re)start: they are in no
+    checkpoint."""
+    trained, ema_tensors, state = load_checkpoint(checkpoint)
+    if sorted(trained) != sorted(names):
+        raise UserInputError(
+            f"{checkpoint} trained other parameters than this run selects: resume with the same "
+            "--trainable_scope, --attention_layers, --target_modules, --freeze_embedder, --use_lora and "
+            "--lora_rank."
+        )
+    engine.load_state_dict(state["engine"])  # refuses a different sigma, q, N or accountant
+    with torch.no_grad():
+        for n, p in zip(names, params, strict=True):
+            p.copy_(trained[n])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None and ema_tensors is not None:
+        ema.shadow_params = [ema_tensors[n].to(p.device) for n, p in zip(names, params, strict=True)]
+        ema.optimization_step = int(state.get("ema_step", engine.steps))
+    set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
 
 
 def _publish(final: Path, output_dir: Path) -> None:

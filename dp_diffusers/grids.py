@@ -7,7 +7,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 
-def class_grid(
+def pipeline_class_grid(
     pipe, *, per_class: int = 8, num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int = 0
 ) -> Image.Image:
     """Samples ``per_class`` images of every class of ``pipe`` and lays them out one class per row."""

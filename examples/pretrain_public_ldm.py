@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
 from dp_diffusers.atomic import atomic_directory
 from dp_diffusers.data import as_torch_dataset, load_image_dataset
-from dp_diffusers.grids import class_grid
+from dp_diffusers.grids import pipeline_class_grid
 from dp_diffusers.model_card import public_model_card
 from dp_diffusers.models.configs import TINY, LDMConfig, build_class_conditional_ldm
 from dp_diffusers.runtime import multi_process_cpu
@@ -266,7 +266,7 @@ def main(args) -> None:
     command = "accelerate launch examples/pretrain_public_ldm.py " + " ".join(sys.argv[1:])
     with atomic_directory(output_dir) as tmp:
         pipe.save_pretrained(tmp)
-        class_grid(pipe, per_class=args.num_grid_per_class, seed=args.seed).save(tmp / "samples.png")
+        pipeline_class_grid(pipe, per_class=args.num_grid_per_class, seed=args.seed).save(tmp / "samples.png")
         training = (
             f"Command: `{command}`\n\nStage (a) autoencoder: {args.vae_train_steps} steps; stage (b) diffusion: "
             f"{args.unet_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate}, "

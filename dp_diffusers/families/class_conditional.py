@@ -7,7 +7,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from ..errors import UserInputError
-from ..grids import class_grid
+from ..grids import pipeline_class_grid
 from ..pipelines import DPLDMPipeline
 from .base import ModelFamily
 from .common import DiffusionLoss, encode_images
@@ -126,4 +126,4 @@ class ClassConditionalLDM(ModelFamily):
 
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
         self.pipe.set_progress_bar_config(disable=True)
-        return class_grid(self.pipe, per_class=per_class, num_inference_steps=num_inference_steps, seed=seed)
+        return pipeline_class_grid(self.pipe, per_class=per_class, num_inference_steps=num_inference_steps, seed=seed)
