@@ -67,6 +67,7 @@ from dp_diffusers.privacy import (
     epsilon_after,
     format_epsilon,
     repeat_rows,
+    steps_per_epoch,
 )
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
 from dp_diffusers.trainable import TrainableConfig, select_trainable
@@ -570,7 +571,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- training loop (logical steps)
     started = time.time()
-    steps_per_epoch = max(1, int(1 / engine.sample_rate))  # Poisson loader's steps per pass, as Opacus counts them
+    epoch_steps = steps_per_epoch(sample_rate=engine.sample_rate)  # the Poisson loader's steps per pass
     bar = tqdm(
         total=engine.planned_steps,
         initial=engine.steps,
@@ -591,7 +592,8 @@ def main(args: argparse.Namespace) -> None:
                 continue
             lr_scheduler.step()
             # Post-processing of the released (noised) weights, so free for privacy; a NaN *loss* is not looked at.
-            if not all(bool(torch.isfinite(p).all()) for p in params):
+            # One host sync per step, not one per tensor (a norm would overflow on huge but finite weights).
+            if not torch.stack([torch.isfinite(p).all() for p in params]).all():
                 bar.close()  # the error line then starts on a line of its own
                 raise UserInputError(
                     f"Step {engine.steps}: the trained weights became NaN or inf; nothing was written beyond the last "
@@ -616,7 +618,7 @@ def main(args: argparse.Namespace) -> None:
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 _checkpoint(output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler)
                 prune_checkpoints(output_dir, keep=args.checkpoints_total_limit)
-            every = args.validation_steps or args.validation_epochs * steps_per_epoch
+            every = args.validation_steps or args.validation_epochs * epoch_steps
             if every and step % every == 0 and accelerator.is_main_process:
                 _grid(family, args).save(output_dir / "validation" / f"step_{step:06d}.png")
         if engine.steps == 0 and engine.finished:
@@ -664,10 +666,6 @@ def main(args: argparse.Namespace) -> None:
         private_loss_logged=bool(args.log_private_loss),
         previous_release=previous_release,
     )
-    if args.disable_dp:
-        summary["valid_dp_release"] = False
-    else:
-        summary["valid_dp_release"] = bool(summary["randomness"]["valid_dp_release"])
     pipe = family.pipeline()
     pipe.set_progress_bar_config(disable=True)
     with atomic_directory(output_dir / ".final") as tmp:

@@ -348,7 +348,13 @@ class WhiteBoxConfig:
     )
     cond_drop_prob: float = 0.1
     confidence: float = 0.95
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, noise and the model (not of the canaries)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the model side (initialisation, timesteps, diffusion noise). The DP noise, the Poisson "
+            "masks and the canaries draw from OS entropy, as in a release."
+        },
+    )
     name: str | None = None
     command: str = ""
 
@@ -409,9 +415,8 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
     engine = DPEngine(config=privacy, dataset_size=len(encoded))
     optimizer = torch.optim.SGD(params, lr=cfg.learning_rate)
     loader = torch.utils.data.DataLoader(encoded, batch_size=cfg.train_batch_size)
-    model_dp, dp_optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, seed=cfg.seed
-    )
+    # No seed: the engine's own secret noise and Poisson masks, the path a release takes.
+    model_dp, dp_optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader)
 
     total = sum(p.numel() for p in dp_optimizer.params)
     if cfg.num_canaries > total:

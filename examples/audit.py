@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--num_train_epochs", type=float, default=30.0)
     w.add_argument("--max_train_steps", type=int, default=None)
     w.add_argument("--learning_rate", type=float, default=1.0, help="Plain SGD.")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--seed", type=int, default=0, help="Model-side seed; the DP noise, masks and canaries use OS entropy."
+    )
 
     b = sub.add_parser("black-box", parents=[common], help="Canary images through train_dp_ldm.py.")
     b.add_argument("--num_canaries", type=int, default=1000)

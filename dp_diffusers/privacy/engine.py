@@ -608,6 +608,8 @@ class DPEngine:
             "world_size": self._world_size,
             "grad_sample_mode": self.config.grad_sample_mode if private else None,
             "randomness": self.randomness if private else None,
+            # A valid DP release: private, with secret noise and masks (not seeded, not a caller's generator).
+            "valid_dp_release": private and self.randomness["valid_dp_release"],
         }
 
     @property
