@@ -47,6 +47,7 @@ from dp_diffusers.checkpointing import (
     set_rng_state,
 )
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
+from dp_diffusers.data.latent_cache import LatentCache, cache_key
 from dp_diffusers.data.loading import drop_unreadable_images, no_labels_error
 from dp_diffusers.errors import first_line
 from dp_diffusers.families import (
@@ -123,8 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         default=None,
-        help="Train and sample at this image size (private images are center-cropped and resized to it), e.g. "
-        "Stable Diffusion at 256 instead of 512 to save compute. Default: the base model's own size.",
+        help="Train and sample at this image size (private images are cropped to a square and resized to it), "
+        "e.g. Stable Diffusion at 256 instead of 512 to save compute. Default: the base model's own size.",
+    )
+    g.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop non-square images to their center square. Without it the square is placed at random along the "
+        "longer side, drawn once per image from --seed (diffusers redraws it every epoch; here the latents are "
+        "encoded once, so each image keeps one crop).",
+    )
+    g.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Mirror each image left-right with probability 1/2 every time it is drawn (both ways are encoded "
+        "once: twice the encoding time and cache size).",
+    )
+    g.add_argument(
+        "--latent_cache_dir",
+        default=None,
+        help="Where the private latents are cached (memory-mapped Arrow, reused by resumed and repeated runs). "
+        "They are private data: never uploaded. Default: latent_cache/ in --output_dir.",
     )
     g.add_argument(
         "--skip_bad_images",
@@ -498,9 +518,8 @@ def main(args: argparse.Namespace) -> None:
     if family.needs_labels and loaded.label_column is None:
         raise no_labels_error(loaded.source)
     family.prepare_data(loaded)
-    private_set = as_torch_dataset(loaded, resolution=family.resolution, channels=family.channels)
     logger.info(
-        f"Private data: {loaded.source}, {len(private_set)} images, converted to {family.channels}x"
+        f"Private data: {loaded.source}, {len(loaded.dataset)} images, converted to {family.channels}x"
         f"{family.resolution}x{family.resolution} (the base model's input)"
         + (
             f"; label set ({len(loaded.id2label)} classes, public) from {loaded.label_set_source}"
@@ -508,7 +527,7 @@ def main(args: argparse.Namespace) -> None:
             else ""
         )
     )
-    encoded = family.encode(private_set, device=accelerator.device, progress=accelerator.is_local_main_process)
+    encoded, latent_cache = _encode_private(args, family, loaded, accelerator, output_dir)
     mapping = family.adopt_labels(loaded.id2label)
     if mapping:
         logger.info(mapping)
@@ -665,6 +684,7 @@ def main(args: argparse.Namespace) -> None:
         },
         private_loss_logged=bool(args.log_private_loss),
         previous_release=previous_release,
+        private_latent_cache=_where(latent_cache, output_dir),
     )
     pipe = family.pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -720,6 +740,70 @@ RELEASE_FILES = (
     "pytorch_lora_weights.safetensors",
     "dp_lora_adapter.safetensors",
 )
+
+
+def _encode_private(args, family, loaded, accelerator, output_dir: Path):
+    """The private set encoded by the frozen encoders, through the latent cache (dp_diffusers/data/latent_cache.py):
+    each process encodes its block of rows, then all read the whole cache, memory-mapped. Returns it and the cache
+    folder."""
+    root = Path(args.latent_cache_dir) if args.latent_cache_dir else output_dir / "latent_cache"
+    key = cache_key(
+        # datasets' fingerprint of the loaded (and selected / filtered) data: changes with its files and any
+        # transform. datasets has no public accessor for it.
+        data=loaded.dataset._fingerprint,
+        columns=[loaded.image_column, loaded.label_column],
+        id2label=loaded.id2label,
+        encoder=family.encoder_fingerprint(),
+        resolution=family.resolution,
+        channels=family.channels,
+        crop="center" if args.center_crop else f"random from seed {args.seed}",
+        random_flip=args.random_flip,
+    )
+    cache = LatentCache(root, key)
+    if cache.complete:
+        logger.info(f"Private latents: reusing the cache {cache.path}")
+        return cache.load(), cache.path
+    images = as_torch_dataset(
+        loaded,
+        resolution=family.resolution,
+        channels=family.channels,
+        in_memory=False,  # decoded batch by batch while encoding: memory does not grow with N
+        center_crop=args.center_crop,
+        crop_seed=args.seed,
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def encode(rows, flipped: bool):
+        return family.encode(
+            images.flipped() if flipped else images, rows=rows, device=accelerator.device, progress=False
+        )
+
+    rows = cache.encode_shard(
+        encode,
+        num_rows=len(images),
+        rank=rank,
+        world_size=world,
+        flip=args.random_flip,
+        progress=accelerator.is_local_main_process,
+    )
+    logger.info(
+        f"Private latents: process {rank} of {world} encoded rows {rows.start}..{rows.stop - 1}",
+        main_process_only=False,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        cache.finish(num_rows=len(images), world_size=world, flip=args.random_flip, description={"world_size": world})
+    accelerator.wait_for_everyone()
+    logger.info(f"Private latents cached in {cache.path} (private data: never uploaded; delete it when done)")
+    return cache.load(), cache.path
+
+
+def _where(path: Path, output_dir: Path) -> str:
+    """``path`` relative to the output folder when inside it (the card must not show where a user keeps files)."""
+    try:
+        return f"{path.resolve().relative_to(output_dir.resolve()).as_posix()}/ in the output folder"
+    except ValueError:
+        return "the folder given by --latent_cache_dir"
 
 
 def claim_output_dir(output_dir: Path, args, *, is_main: bool) -> dict | None:

@@ -144,7 +144,10 @@ at most 1e-5){% endif %} |
   {{ "%.1f"|format(100 * trainable_parameters / total_parameters) }}%). Every other weight is bit-identical to the
   public base model.
 - **Trained parameters:** {{ trained_parameters_kind }}{% if lora %} ({{ lora.format }}: {{ lora.load }}){% endif %}.
-
+{% if private_latent_cache %}- **Private latents:** the private images' latents were cached on the training machine
+  ({{ private_latent_cache }}). They are private data: not part of this release, never uploaded; delete them when
+  no longer needed.
+{% endif %}
 ## What is and is not protected
 - Protected: whether any single training image was in the private set. The guarantee covers the released weights
   and anything computed from them (samples, EMA: post-processing).

@@ -500,13 +500,15 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def _to_uint8(image: Image.Image, *, resolution: int, channels: int) -> np.ndarray:
-    """``image`` as a ``[C, resolution, resolution]`` uint8 array: mode converted, center-cropped, resized."""
+def _to_uint8(image: Image.Image, *, resolution: int, channels: int, crop_at: float = 0.5) -> np.ndarray:
+    """``image`` as a ``[C, resolution, resolution]`` uint8 array: mode converted, cropped to a square, resized.
+
+    ``crop_at`` places the square along the longer side: 0 at its start, 0.5 in the center, 1 at its end."""
     image = _to_mode(image, channels)
     w, h = image.size
     if w != h:
         side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
+        left, top = round((w - side) * crop_at), round((h - side) * crop_at)
         image = image.crop((left, top, left + side, top + side))
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
@@ -557,10 +559,25 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
     ``labels`` is ``-1`` for unconditional data. With ``in_memory`` every image is decoded once up-front into a
     uint8 tensor (MNIST's 60,000 28x28 images: 47 MB); otherwise each item is decoded when indexed.
+
+    Non-square images are cropped to a square: in the center with ``center_crop``, else at a random place drawn
+    for each row from ``(crop_seed, row)`` (the same every time the row is read). ``flip`` mirrors every image
+    left-right (the latent cache encodes both ways for ``--random_flip``).
     """
 
-    def __init__(self, loaded: LoadedDataset, *, resolution: int, channels: int, in_memory: bool):
+    def __init__(
+        self,
+        loaded: LoadedDataset,
+        *,
+        resolution: int,
+        channels: int,
+        in_memory: bool,
+        center_crop: bool = True,
+        crop_seed: int = 0,
+        flip: bool = False,
+    ):
         _check_channels(channels, resolution)
+        self.center_crop, self.crop_seed, self.flip = center_crop, crop_seed, flip
         columns = [loaded.image_column] + ([loaded.label_column] if loaded.label_column is not None else [])
         self.dataset = loaded.dataset.select_columns(columns)
         self.image_column = loaded.image_column
@@ -583,9 +600,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             for start in range(0, n, _DECODE_BATCH):
                 batch = self.dataset[start : start + _DECODE_BATCH]
                 for j, image in enumerate(batch[self.image_column]):
-                    pixels[start + j] = torch.from_numpy(
-                        _to_uint8(image, resolution=self.resolution, channels=self.channels)
-                    )
+                    pixels[start + j] = torch.from_numpy(self._pixels_of(image, start + j))
                 if self.label_column is not None:
                     chunk = torch.as_tensor(np.asarray(batch[self.label_column], dtype=np.int64))
                     labels[start : start + len(chunk)] = chunk
@@ -602,15 +617,34 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         if self._pixels is not None:
-            return {"pixel_values": _uint8_to_float(self._pixels[index]), "labels": self._labels[index].clone()}
-        row = self.dataset[index]
-        pixels = _uint8_to_float(_to_uint8(row[self.image_column], resolution=self.resolution, channels=self.channels))
-        label = row[self.label_column] if self.label_column is not None else -1
-        return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
+            pixels, label = _uint8_to_float(self._pixels[index]), self._labels[index].clone()
+        else:
+            row = self.dataset[index]
+            pixels = _uint8_to_float(self._pixels_of(row[self.image_column], index))
+            label = torch.tensor(row[self.label_column] if self.label_column is not None else -1, dtype=torch.long)
+        return {"pixel_values": pixels.flip(-1) if self.flip else pixels, "labels": label}
+
+    def _pixels_of(self, image: Image.Image, index: int) -> np.ndarray:
+        crop_at = 0.5 if self.center_crop else float(np.random.default_rng([self.crop_seed, index]).random())
+        return _to_uint8(image, resolution=self.resolution, channels=self.channels, crop_at=crop_at)
+
+    def flipped(self) -> ImageLabelDataset:
+        """The same rows mirrored left-right (shares the decoded pixels)."""
+        import copy
+
+        other = copy.copy(self)
+        other.flip = not self.flip
+        return other
 
 
 def as_torch_dataset(
-    loaded: LoadedDataset, *, resolution: int, channels: int, in_memory: bool | None = None
+    loaded: LoadedDataset,
+    *,
+    resolution: int,
+    channels: int,
+    in_memory: bool | None = None,
+    center_crop: bool = True,
+    crop_seed: int = 0,
 ) -> ImageLabelDataset:
     """A map-style ``torch`` dataset of ``{"pixel_values", "labels"}`` items (see ``ImageLabelDataset``).
 
@@ -619,4 +653,11 @@ def as_torch_dataset(
     """
     if in_memory is None:
         in_memory = len(loaded.dataset) <= _IN_MEMORY_MAX_ROWS and resolution <= _IN_MEMORY_MAX_RESOLUTION
-    return ImageLabelDataset(loaded, resolution=resolution, channels=channels, in_memory=in_memory)
+    return ImageLabelDataset(
+        loaded,
+        resolution=resolution,
+        channels=channels,
+        in_memory=in_memory,
+        center_crop=center_crop,
+        crop_seed=crop_seed,
+    )

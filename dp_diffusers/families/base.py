@@ -143,10 +143,17 @@ class ModelFamily:
         """Use the private data's declared class names (and check its labels fit); may return a line for the log
         saying how private classes map onto the model's. Default: nothing to do."""
 
-    def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
+    def encode(self, dataset, *, rows=None, device="cpu", batch_size: int = 256, progress: bool = True):
         """The private set as a ``torch.utils.data.TensorDataset`` of per-example tensors (frozen encoders applied
-        once: deterministic per example, so no privacy cost)."""
+        once: deterministic per example, so no privacy cost). ``rows``: only these rows of ``dataset``, in order."""
         raise NotImplementedError
+
+    def encoder_fingerprint(self) -> dict:
+        """What :meth:`encode`'s output depends on besides the images: the family and its frozen autoencoder's
+        weights (keys the private latent cache, ``dp_diffusers.data.latent_cache``)."""
+        from ..data.latent_cache import module_fingerprint
+
+        return {"family": self.name, "vae": module_fingerprint(self.pipe.vae)}
 
     def loss_module(self, **kwargs) -> nn.Module:
         """An ``nn.Module`` whose ``forward(*rows)`` takes the encoded tensors of R rows and returns a ``[R]`` loss,

@@ -105,9 +105,17 @@ class ClassConditionalLDM(ModelFamily):
         )
 
     def encode(
-        self, dataset: torch.utils.data.Dataset, *, batch_size: int = 256, device="cpu", progress: bool = True
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        rows=None,
+        batch_size: int = 256,
+        device="cpu",
+        progress: bool = True,
     ) -> torch.utils.data.TensorDataset:
-        (mean, std), labels = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
+        (mean, std), labels = encode_images(
+            self.vae, dataset, rows=rows, batch_size=batch_size, device=device, progress=progress
+        )
         self.check_labels(labels)
         return torch.utils.data.TensorDataset(mean, std, labels)
 

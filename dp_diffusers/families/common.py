@@ -23,6 +23,7 @@ def encode_images(
     vae: nn.Module,
     dataset: torch.utils.data.Dataset,
     *,
+    rows=None,
     batch_size: int = 256,
     device="cpu",
     progress: bool = True,
@@ -30,8 +31,11 @@ def encode_images(
     """Latents of every image, once (deterministic per example, so no privacy cost), and the labels.
 
     A KL autoencoder gives ``[mean, std]`` of its latent distribution (each training row draws its own sample); a
-    VQ autoencoder gives ``[latents]`` (its pre-quantisation output, which its decoder quantises).
+    VQ autoencoder gives ``[latents]`` (its pre-quantisation output, which its decoder quantises). ``rows``: encode
+    only these rows of ``dataset`` (default: all).
     """
+    if rows is not None:
+        dataset = torch.utils.data.Subset(dataset, list(rows))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     vae.to(device)
     parts: list[list[torch.Tensor]] = []

@@ -229,8 +229,10 @@ class DiTFamily(ModelFamily):
         self._tied = False
 
     # -- data and loss
-    def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
-        latents, labels = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
+    def encode(self, dataset, *, rows=None, device="cpu", batch_size: int = 256, progress: bool = True):
+        latents, labels = encode_images(
+            self.vae, dataset, rows=rows, batch_size=batch_size, device=device, progress=progress
+        )
         if labels.numel() and labels.min() < 0:
             raise UserInputError("A DiT model needs labels for every private image: pass --label_column.")
         return torch.utils.data.TensorDataset(*latents, labels)

@@ -150,13 +150,27 @@ class TextConditionalLDM(ModelFamily):
         ).input_ids
 
     # -- data and loss
-    def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
+    def encode(self, dataset, *, rows=None, device="cpu", batch_size: int = 256, progress: bool = True):
         if self._prompts is None:
             raise RuntimeError("prepare_data(loaded) reads the prompts: call it before encode().")
         if len(self._prompts) != len(dataset):
             raise RuntimeError(f"{len(self._prompts)} prompts for {len(dataset)} images.")
-        latents, _ = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
-        return torch.utils.data.TensorDataset(*latents, self.tokenize(self._prompts))
+        latents, _ = encode_images(
+            self.vae, dataset, rows=rows, batch_size=batch_size, device=device, progress=progress
+        )
+        prompts = self._prompts if rows is None else [self._prompts[i] for i in rows]
+        return torch.utils.data.TensorDataset(*latents, self.tokenize(prompts))
+
+    def encoder_fingerprint(self) -> dict:
+        """The autoencoder, plus what the prompts and their tokens come from."""
+        tokenizer = self.pipe.tokenizer
+        return {
+            **super().encoder_fingerprint(),
+            "caption_column": self.options.caption_column,
+            "prompt_template": None if self.options.caption_column else self.template,
+            "tokenizer": [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer)],
+            "max_length": tokenizer.model_max_length,
+        }
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> TextConditionalLoss:
         return TextConditionalLoss(

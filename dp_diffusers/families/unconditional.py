@@ -55,8 +55,10 @@ class UnconditionalLDM(ModelFamily):
     def denoiser(self) -> nn.Module:
         return self.unet
 
-    def encode(self, dataset, *, device="cpu", batch_size: int = 256, progress: bool = True):
-        latents, _ = encode_images(self.vae, dataset, batch_size=batch_size, device=device, progress=progress)
+    def encode(self, dataset, *, rows=None, device="cpu", batch_size: int = 256, progress: bool = True):
+        latents, _ = encode_images(
+            self.vae, dataset, rows=rows, batch_size=batch_size, device=device, progress=progress
+        )
         return torch.utils.data.TensorDataset(*latents)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> UnconditionalLoss:
