@@ -641,9 +641,24 @@ def test_rgb_images_of_another_size_are_converted_and_train(script, base_model, 
     out = tmp_path / "rgb"
     argv = cli(base_model, out, "--dataset_name", str(data_files["rgb"]), "--max_train_steps", "1")
     argv += ["--train_batch_size", "8", "--max_physical_batch_size", "4", "--noise_multiplier", "1.0"]
+    argv += ["--random_flip", "--center_crop"]
     with capture_output() as buf:
         script.main(script.parse_args(argv))
     assert "16 images, converted to 1x28x28" in buf.getvalue()
+    # --random_flip: the cache holds each image both ways.
+    (manifest,) = (out / "latent_cache").glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["flip"] is True
+    import datasets
+
+    (shard,) = manifest.parent.glob("*.arrow")
+    assert datasets.Dataset.from_file(str(shard)).column_names == [
+        "t0",
+        "t1",
+        "t2",
+        "flipped_t0",
+        "flipped_t1",
+        "flipped_t2",
+    ]
     privacy = privacy_of(out)
     assert privacy["dataset_size"] == 16 and privacy["steps"] == 1 and privacy["sample_rate"] == 0.5
     assert_only_trained_changed(base_model, out)
@@ -661,6 +676,29 @@ def test_rgb_images_of_another_size_are_converted_and_train(script, base_model, 
     from PIL import Image
 
     assert Image.open(out / "samples.png").size[1] == 2 * 28  # one row per private class
+
+
+def test_a_second_run_reuses_the_latent_cache_without_encoding(script, run_a, base_model, tmp_path, monkeypatch):
+    out_a, _ = run_a
+    cache_dir = out_a / "latent_cache"
+    shards = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.arrow")}
+    assert len(shards) == 1
+    assert privacy_of(out_a)["private_latent_cache"].startswith("latent_cache/")
+    assert "latent_cache/" in (out_a / "README.md").read_text()
+    from dp_diffusers.families import ClassConditionalLDM
+
+    def encode_again(*args, **kwargs):
+        raise AssertionError("the private latents were encoded again")
+
+    monkeypatch.setattr(ClassConditionalLDM, "encode", encode_again)
+    out = tmp_path / "again"
+    argv = cli(base_model, out, "--max_train_steps", "1", "--checkpointing_steps", "0")
+    with capture_output() as buf:
+        script.main(script.parse_args([*argv, "--latent_cache_dir", str(cache_dir)]))
+    assert f"reusing the cache {next(iter(shards)).parent}" in buf.getvalue()
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.arrow")} == shards
+    assert not (out / "latent_cache").exists() and privacy_of(out)["steps"] == 1
+    assert "--latent_cache_dir" in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- 7. token
@@ -810,7 +848,8 @@ def test_push_to_hub_uploads_the_model_and_privacy_files_and_only_sends_the_toke
     local = files_under(out)
     assert any(name.startswith("checkpoint-") for name in local)  # there were checkpoints to leave out
     assert any(name.startswith("validation/") for name in local)  # intermediate grids, not part of the release
-    leave = ("checkpoint-", "logs/", "validation/", ".")
+    assert any(name.startswith("latent_cache/") for name in local)  # the private latents: never uploaded
+    leave = ("checkpoint-", "logs/", "validation/", "latent_cache/", ".")
     expected = {name: data for name, data in local.items() if not name.startswith(leave)}
     for name in (
         "privacy.json",
@@ -896,6 +935,22 @@ def test_two_processes_give_the_same_privacy_and_identical_replicas(run_a, base_
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Accelerate sees both processes (one main process: one writer, one log of the run).
     assert "world size 2" in proc.stderr and proc.stderr.count(f"Wrote {out}") == 1, proc.stderr[-4000:]
+    # Each process encoded its own half of the private latents, into one cache equal to the one-process run's.
+    half = N_DIGITS // 2
+    assert f"process 0 of 2 encoded rows 0..{half - 1}" in proc.stderr
+    assert f"process 1 of 2 encoded rows {half}..{N_DIGITS - 1}" in proc.stderr
+    from dp_diffusers.data.latent_cache import LatentCache
+
+    (two_cache,) = (out / "latent_cache").iterdir()
+    (one_cache,) = (run_a[0] / "latent_cache").iterdir()
+    assert two_cache.name == one_cache.name  # the same key: the process count is not part of it
+    assert sorted(p.name for p in two_cache.glob("*.arrow")) == [
+        "shard-00000-of-00002.arrow",
+        "shard-00001-of-00002.arrow",
+    ]
+    two_rows = LatentCache(two_cache.parent, two_cache.name).load().tensors
+    one_rows = LatentCache(one_cache.parent, one_cache.name).load().tensors
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two_rows, one_rows, strict=True))
     two, one = privacy_of(out), privacy_of(run_a[0])
     assert two["world_size"] == 2 and one["world_size"] == 1
     for key in ("epsilon", "steps", "sample_rate", "noise_multiplier", "delta", "dataset_size", "expected_batch_size"):
