@@ -624,6 +624,26 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             label = torch.tensor(row[self.label_column] if self.label_column is not None else -1, dtype=torch.long)
         return {"pixel_values": pixels.flip(-1) if self.flip else pixels, "labels": label}
 
+    def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
+        """A batch of rows with one read of the underlying table (torch's DataLoader calls this when present)."""
+        if self._pixels is not None:
+            return [self[i] for i in indices]
+        indices = [int(i) + (len(self) if int(i) < 0 else 0) for i in indices]
+        if any(not 0 <= i < len(self) for i in indices):
+            raise IndexError(f"index out of range for {len(self)} items")
+        batch = self.dataset[indices] if indices else {self.image_column: []}
+        labels = batch[self.label_column] if self.label_column is not None else [-1] * len(indices)
+        items = []
+        for index, image, label in zip(indices, batch[self.image_column], labels, strict=True):
+            pixels = _uint8_to_float(self._pixels_of(image, index))
+            items.append(
+                {
+                    "pixel_values": pixels.flip(-1) if self.flip else pixels,
+                    "labels": torch.tensor(label, dtype=torch.long),
+                }
+            )
+        return items
+
     def _pixels_of(self, image: Image.Image, index: int) -> np.ndarray:
         crop_at = 0.5 if self.center_crop else float(np.random.default_rng([self.crop_seed, index]).random())
         return _to_uint8(image, resolution=self.resolution, channels=self.channels, crop_at=crop_at)
