@@ -7,7 +7,8 @@ Everything here is a thin layer over Opacus' accountants (``opacus.accountants``
 * epsilon is always computed on a *fresh* accountant built from a (compacted) history, so asking "what if" never
   mutates the accountant that records the real steps;
 * :class:`EpsilonBudget` answers "would one more step exceed the target?" in O(1) per step: the PRV accountant takes
-  up to a second per ``get_epsilon`` call on long histories, far too slow to call once per training step.
+  up to a second per ``get_epsilon`` call on long histories, far too slow to call once per training step;
+* the PRV accountant's FFTs run on ``numpy.fft`` (:class:`_NumpyFFT`), not ``scipy.fft``: see there.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import warnings
 from collections.abc import Iterable, Sequence
 from decimal import ROUND_CEILING, Decimal
 
+import numpy as np
+import scipy.fft
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from ..errors import UserInputError
+from ..runtime import transient_heap
 
 #: Accountants Opacus ships; "prv" is the tightest and the one DP-LDM used.
 ACCOUNTANTS = ("prv", "rdp", "gdp")
@@ -85,6 +89,26 @@ def history_steps(history: Iterable[Sequence]) -> int:
     return sum(int(steps) for _, _, steps in history)
 
 
+class _NumpyFFT:
+    """A ``scipy.fft`` backend (scipy's public ``set_backend`` protocol) that runs the transforms on ``numpy.fft``.
+
+    Why: ``scipy.fft`` keeps the plans of its last 16 transform lengths. Opacus' PRV accountant transforms a domain
+    whose length grows with the step count, so a run that shows epsilon every 10 steps asks for a new length almost
+    every time, and lengths with large prime factors get Bluestein plans of ~40 MB each: resident memory grew by
+    ~300 MB over a 2,000-step run (measured, ``benchmarks/soak.py``). ``numpy.fft`` (the same pocketfft algorithm)
+    keeps no plans. Functions numpy lacks fall back to scipy's own backend."""
+
+    __ua_domain__ = "numpy.scipy.fft"
+    _KEEP = {"n", "s", "axis", "axes", "norm"}
+
+    @classmethod
+    def __ua_function__(cls, method, args, kwargs):
+        function = getattr(np.fft, method.__name__, None)
+        if function is None or kwargs.get("overwrite_x") or kwargs.get("plan") is not None:
+            return NotImplemented
+        return function(*args, **{k: v for k, v in kwargs.items() if k in cls._KEEP})
+
+
 def epsilon_after(history: Iterable[Sequence], *, accountant: str, delta: float) -> float:
     """Epsilon spent by ``history`` (a list of (noise_multiplier, sample_rate, steps)) at ``delta``.
 
@@ -105,7 +129,9 @@ def epsilon_after(history: Iterable[Sequence], *, accountant: str, delta: float)
             # PRV bounds its numerical domain with an internal RDP accountant, whose "Optimal order is the largest
             # alpha" warning (at very large or small sigma) concerns that domain bound, not the epsilon reported.
             warnings.filterwarnings("ignore", message="Optimal order is the")
-        return float(acc.get_epsilon(delta=delta))
+        # Its working memory grows with the step count: returned to the system after each call (runtime.py).
+        with scipy.fft.set_backend(_NumpyFFT), transient_heap():
+            return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(
