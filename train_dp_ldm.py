@@ -49,7 +49,7 @@ from dp_diffusers.checkpointing import (
 from dp_diffusers.data import PRESETS, as_torch_dataset, load_image_dataset, parse_class_names
 from dp_diffusers.data.latent_cache import LatentCache, cache_key
 from dp_diffusers.data.loading import drop_unreadable_images, no_labels_error
-from dp_diffusers.errors import first_line
+from dp_diffusers.errors import cli_message, first_line, parser_flags
 from dp_diffusers.families import (
     DEFAULT_PROMPT_TEMPLATE,
     FamilyOptions,
@@ -59,7 +59,7 @@ from dp_diffusers.families import (
     parse_label_map,
     resolve_base_model,
 )
-from dp_diffusers.lora import add_lora, save_pipeline_with_lora
+from dp_diffusers.lora import save_pipeline_with_lora
 from dp_diffusers.model_card import private_model_card
 from dp_diffusers.privacy import (
     GRAD_SAMPLE_MODES,
@@ -71,7 +71,7 @@ from dp_diffusers.privacy import (
     steps_per_epoch,
 )
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
-from dp_diffusers.trainable import TrainableConfig, select_trainable
+from dp_diffusers.trainable import DEFAULT_LORA_RANK, SCOPES, TrainableConfig, select_trainable
 
 logger = get_logger(__name__)
 
@@ -95,6 +95,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+#: Library parameters whose flag here has another name (errors name parameters; see dp_diffusers.errors.cli_message).
+RENAMED_PARAMETERS = {
+    "target_epsilon": "--epsilon",
+    "expected_batch_size": "--train_batch_size",
+    "epochs": "--num_train_epochs",
+    "max_steps": "--max_train_steps",
+    "scope": "--trainable_scope",
+    "split": "--dataset_split",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what trains (everything else is frozen)")
     g.add_argument(
         "--trainable_scope",
-        default="attention_blocks",
-        choices=["attention_blocks", "attention_projections"],
-        help="Whole attention blocks (the paper) or only their q/k/v/out projections.",
+        default=None,
+        choices=list(SCOPES),
+        help="attention_blocks: whole attention blocks (the paper; the default); attention_projections: only their "
+        "q/k/v/out projections (the default, and the only choice, with --use_lora); full: every parameter of the "
+        "denoiser.",
     )
     g.add_argument(
         "--attention_layers",
@@ -195,14 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--target_modules",
         nargs="+",
         default=None,
-        help="peft-style: one regex (full match) or several module-name suffixes. Overrides the above.",
+        help="peft-style: one regex (full match) or several module-name suffixes. Chooses the modules by itself "
+        "(not with --trainable_scope or --attention_layers).",
     )
     g.add_argument("--freeze_embedder", action="store_true", help="Do not train the class embedder.")
     g.add_argument(
         "--use_lora",
         action="store_true",
-        help="Train LoRA adapters on the selected blocks' to_q/to_k/to_v/to_out.0 (+ the embedder, fully) instead "
-        "of the full attention weights.",
+        help="Train LoRA adapters on the selected linear layers (by default the attention blocks' "
+        "to_q/to_k/to_v/to_out.0; the embedder trains fully) instead of their weights.",
     )
     g.add_argument(
         "--rank",
@@ -210,10 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="lora_rank",
         metavar="RANK",
         type=int,
-        default=4,
-        help="LoRA rank r (with --use_lora).",
+        default=None,
+        help=f"LoRA rank r (with --use_lora). Default: {DEFAULT_LORA_RANK}.",
     )
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha / r). Default: the rank.")
+    g.add_argument(
+        "--lora_alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha (scale alpha / r; with --use_lora). Default: the rank.",
+    )
 
     g = p.add_argument_group("model family options")
     g.add_argument(
@@ -512,7 +531,7 @@ def main(args: argparse.Namespace) -> None:
     if args.plan:
         plan(args, family, loaded, accelerator.device)
         return
-    loaded, skipped = drop_unreadable_images(loaded, skip=args.skip_bad_images)
+    loaded, skipped = drop_unreadable_images(loaded, skip_bad_images=args.skip_bad_images)
     if skipped:
         logger.warning(f"--skip_bad_images: left out {skipped} image(s) that cannot be decoded.")
     if family.needs_labels and loaded.label_column is None:
@@ -665,11 +684,7 @@ def main(args: argparse.Namespace) -> None:
         private_data=loaded.source,
         unit_of_privacy="one training image",
         ema_decay=args.ema_decay if ema is not None else 0,
-        trained_parameters_kind=(
-            f"LoRA adapters (rank {args.lora_rank}) on the attention projections"
-            if args.use_lora
-            else "full attention weights"
-        )
+        trained_parameters_kind=_trained_kind(_trainable_config(args))
         + (" + the embedder (full)" if "embedder" in report.modules else ""),
         base_model_pretraining_data=family.base_data(),
         **family.describe(),
@@ -852,25 +867,36 @@ def claim_output_dir(output_dir: Path, args, *, is_main: bool) -> dict | None:
     return previous
 
 
-def _select_trainable(args, family: ModelFamily):
-    """Unfreezes what trains (attention blocks / LoRA adapters, the embedder); returns the report."""
-    trainable = TrainableConfig(
+def _trained_kind(config: TrainableConfig) -> str:
+    """What the card says was trained (before the embedder)."""
+    where = {
+        "attention_blocks": "the attention blocks",
+        "attention_projections": "the attention projections",
+        "full": "every denoiser parameter",
+        None: "the modules matched by --target_modules",
+    }[config.resolved_scope]
+    return f"LoRA adapters (rank {config.rank}) on {where}" if config.use_lora else f"full weights of {where}"
+
+
+def _trainable_config(args) -> TrainableConfig:
+    return TrainableConfig(
         scope=args.trainable_scope,
         attention_layers=args.attention_layers,
         target_modules=_target_modules(args.target_modules),
         train_embedder=not args.freeze_embedder,
+        use_lora=args.use_lora,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
     )
-    if args.use_lora:
-        return add_lora(
-            family.denoiser,
-            rank=args.lora_rank,
-            alpha=args.lora_alpha,
-            config=trainable,
-            embedder=family.embedder,
-            block_classes=family.attention_block_classes,
-        )
+
+
+def _select_trainable(args, family: ModelFamily):
+    """Unfreezes what trains (selected modules or LoRA adapters on them, the embedder); returns the report."""
     return select_trainable(
-        family.denoiser, config=trainable, embedder=family.embedder, block_classes=family.attention_block_classes
+        family.denoiser,
+        config=_trainable_config(args),
+        embedder=family.embedder,
+        block_classes=family.attention_block_classes,
     )
 
 
@@ -1053,5 +1079,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e, parser_flags(build_parser(), **RENAMED_PARAMETERS))}", file=sys.stderr)
         sys.exit(2)

@@ -91,7 +91,7 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     if not path.is_dir():
         path = Path(output_dir) / spec
     if not path.is_dir():
-        raise UserInputError(f"--resume_from_checkpoint={spec!r}: no such checkpoint folder (or use 'latest').")
+        raise UserInputError(f"`resume_from_checkpoint`={spec!r}: no such checkpoint folder (or use 'latest').")
     return path
 
 

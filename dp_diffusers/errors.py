@@ -1,8 +1,29 @@
 """One exception type for bad user input: scripts print its message on one line and exit with code 2."""
 
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
 
 class UserInputError(ValueError):
-    """Bad input that the user can fix; the message names the fix and fits on one line."""
+    """Bad input that the user can fix; the message names the fix and fits on one line.
+
+    Library code names a parameter in backticks (`max_grad_norm`); a script shows its own spelling of it with
+    :func:`cli_message` (the library knows nothing of command lines)."""
+
+
+def parser_flags(parser, **renamed: str) -> dict[str, str]:
+    """How an ``argparse`` parser spells each parameter: every option's ``dest`` -> its first flag, plus ``renamed``
+    (library parameter -> flag) for parameters whose flag has another name (``target_epsilon="--epsilon"``)."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+    return {**flags, **renamed}
+
+
+def cli_message(error: BaseException, flags: Mapping[str, str]) -> str:
+    """``error``'s message with each backticked parameter that ``flags`` knows replaced by its command-line flag
+    (`max_grad_norm` -> --max_grad_norm); other backticked text is kept as it is."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(error))
 
 
 def first_line(error: BaseException, *, limit: int = 200) -> str:

@@ -1,9 +1,10 @@
 """LoRA on the attention projections, trained privately through the same engine, saved the diffusers way.
 
-``add_lora`` freezes the denoiser and injects peft LoRA adapters (``lora_A`` / ``lora_B``: plain ``nn.Linear``
-layers, for which Opacus' hooks compute per-sample gradients) into ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` of
-the selected attention blocks; the conditioning embedder, if any, trains fully. Only the adapters (and the embedder)
-are DP-trained; every base weight stays bit-identical.
+``add_lora_adapters`` puts peft LoRA adapters (``lora_A`` / ``lora_B``: plain ``nn.Linear`` layers, for which
+Opacus' hooks compute per-sample gradients) on the linear layers that ``trainable.select_modules`` chose (by default
+``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` of the attention blocks); ``trainable.select_trainable(config=
+TrainableConfig(use_lora=True))`` calls it. Only the adapters (and the embedder) are DP-trained; every base weight
+stays bit-identical.
 
 ``save_pipeline_with_lora`` writes the pipeline with its base weights (adapters removed) plus
 ``pytorch_lora_weights.safetensors`` in diffusers' format (``get_peft_model_state_dict`` +
@@ -25,76 +26,23 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import UserInputError
-from .trainable import PROJECTIONS, TrainableConfig, TrainableReport, _matches, attention_blocks, parse_layer_range
-
 ADAPTER = "default"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 MERGED_ADAPTER_FILE = "dp_lora_adapter.safetensors"
 
 
-def lora_target_names(
-    model: nn.Module, *, config: TrainableConfig, block_classes: tuple[str, ...] | None = None
-) -> list[str]:
-    """Full names of the ``nn.Linear`` layers that get adapters: the q/k/v/out projections of the selected attention
-    blocks (``config.attention_layers``), or, with ``config.target_modules``, the Linear layers it matches (peft
-    semantics)."""
-    if config.target_modules:
-        names = [
-            n
-            for n, m in model.named_modules()
-            if n and isinstance(m, nn.Linear) and _matches(n, config.target_modules)
-        ]
-        if not names:
-            raise UserInputError(f"--target_modules={config.target_modules!r} matches no Linear layer for LoRA.")
-        return names
-    blocks = attention_blocks(model, block_classes)
-    if not blocks:
-        raise UserInputError(f"{type(model).__name__} has no attention blocks to put LoRA adapters on.")
-    if config.attention_layers:
-        blocks = [blocks[i - 1] for i in parse_layer_range(config.attention_layers, len(blocks))]
-    names = [
-        f"{bn}.{n}" if n else bn
-        for bn, block in blocks
-        for n, m in block.named_modules()
-        if isinstance(m, nn.Linear) and (n in PROJECTIONS or any(n.endswith("." + p) for p in PROJECTIONS))
-    ]
-    if not names:
-        raise UserInputError("The selected attention blocks have no to_q/to_k/to_v/to_out.0 projections for LoRA.")
-    return names
-
-
-def add_lora(
-    model: nn.Module,
-    *,
-    rank: int,
-    alpha: float | None = None,
-    config: TrainableConfig | None = None,
-    embedder: nn.Module | None = None,
-    block_classes: tuple[str, ...] | None = None,
-) -> TrainableReport:
-    """Freeze ``model``, inject LoRA adapters of ``rank`` into the selected projections (trainable), train the
-    ``embedder`` fully (unless ``config.train_embedder`` is False). Returns the counts; ``modules`` names the adapted
-    layers (+ ``embedder``)."""
-    if rank < 1:
-        raise UserInputError(f"--lora_rank must be a positive integer, got {rank}.")
-    config = config or TrainableConfig()
-    targets = lora_target_names(model, config=config, block_classes=block_classes)
-    model.requires_grad_(False)
-    lora_config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
-    inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER)
+def add_lora_adapters(model: nn.Module, targets: list[str], *, rank: int, alpha: float | None = None) -> None:
+    """Put LoRA adapters of ``rank`` on the linear layers named ``targets`` (full names) and make only them
+    trainable. The diffusers way (``train_text_to_image_lora.py``): ``model.add_adapter(LoraConfig(...))``; models
+    without diffusers' ``PeftAdapterMixin`` (DiT's transformer, ``UNet2DModel`` in diffusers 0.42) get the same
+    injection from peft directly."""
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():  # only the adapters train
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    names = list(targets)
-    total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if embedder is not None:
-        embedder.requires_grad_(config.train_embedder)
-        total += sum(p.numel() for p in embedder.parameters())
-        trainable += sum(p.numel() for p in embedder.parameters() if p.requires_grad)
-        if config.train_embedder:
-            names.append("embedder")
-    return TrainableReport(trainable=trainable, total=total, modules=names)
 
 
 def lora_config_of(model: nn.Module) -> LoraConfig:

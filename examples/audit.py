@@ -20,6 +20,19 @@ import sys
 
 from dp_diffusers import UserInputError
 from dp_diffusers.audit import BlackBoxConfig, WhiteBoxConfig, run_black_box, run_white_box
+from dp_diffusers.errors import cli_message
+
+#: This script's flags for the library parameters its errors may name (dp_diffusers.errors.cli_message).
+FLAGS = {
+    "target_epsilon": "--epsilon",
+    "noise_multiplier": "--noise_multiplier",
+    "max_grad_norm": "--max_grad_norm",
+    "expected_batch_size": "--train_batch_size",
+    "max_physical_batch_size": "--max_physical_batch_size",
+    "epochs": "--num_train_epochs",
+    "max_steps": "--max_train_steps",
+    "disable_dp": "--disable_dp",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,5 +121,5 @@ if __name__ == "__main__":
     try:
         main(parse_args(), command=shlex.join(["python", *sys.argv]))
     except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e, FLAGS)}", file=sys.stderr)
         sys.exit(2)

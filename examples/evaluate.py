@@ -36,7 +36,7 @@ import torch
 
 from dp_diffusers import UserInputError
 from dp_diffusers.atomic import atomic_write_text
-from dp_diffusers.errors import first_line
+from dp_diffusers.errors import cli_message, first_line
 from dp_diffusers.evaluation import (
     CLASSIFIERS,
     class_grid,
@@ -53,6 +53,10 @@ from dp_diffusers.evaluation.real_data import is_single_file
 from dp_diffusers.evaluation.samples import grid_path_for, save_image
 
 logger = logging.getLogger("evaluate")
+
+
+#: This script's flags for the library parameters its errors may name (dp_diffusers.errors.cli_message).
+FLAGS = {"image_column": "--image_column", "label_column": "--label_column"}
 
 
 def parse_args(argv=None):
@@ -261,7 +265,7 @@ def cli(argv=None) -> int:
     try:
         main(parse_args(argv))
     except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e, FLAGS)}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,12 +35,23 @@ from tqdm.auto import tqdm
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
 from dp_diffusers.atomic import atomic_directory
 from dp_diffusers.data import as_torch_dataset, load_image_dataset
+from dp_diffusers.errors import cli_message
 from dp_diffusers.grids import pipeline_class_grid
 from dp_diffusers.model_card import public_model_card
 from dp_diffusers.models.configs import TINY, LDMConfig, build_class_conditional_ldm
 from dp_diffusers.runtime import multi_process_cpu
 
 logger = get_logger(__name__)
+
+
+#: This script's flags for the library parameters its errors may name (dp_diffusers.errors.cli_message).
+FLAGS = {
+    "split": "--dataset_split",
+    "image_column": "--image_column",
+    "label_column": "--label_column",
+    "resolution": "--resolution",
+    "channels": "--channels",
+}
 
 
 def parse_args(argv=None):
@@ -303,5 +314,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e, FLAGS)}", file=sys.stderr)
         sys.exit(2)

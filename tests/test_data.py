@@ -390,9 +390,9 @@ def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path):
     loaded = load_image_dataset(str(tmp_path / "pets"))
     assert len(loaded.dataset) == 8
     with pytest.raises(UserInputError, match=r"2 image\(s\) .* cannot be decoded.*--skip_bad_images"):
-        drop_unreadable_images(loaded, skip=False)
-    kept, skipped = drop_unreadable_images(loaded, skip=True)
+        drop_unreadable_images(loaded, skip_bad_images=False)
+    kept, skipped = drop_unreadable_images(loaded, skip_bad_images=True)
     assert skipped == 2 and len(kept.dataset) == 6 and kept.id2label == loaded.id2label
     assert len(as_torch_dataset(kept, resolution=8, channels=3)) == 6  # every kept image decodes
     clean = load_image_dataset(str(tmp_path / "pets" / "dog"))  # one class folder: no labels, still checked
-    assert drop_unreadable_images(clean, skip=True)[1] == 1
+    assert drop_unreadable_images(clean, skip_bad_images=True)[1] == 1

@@ -135,14 +135,14 @@ def test_adapters_update_under_dp_and_base_weights_do_not():
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.families import ClassConditionalLDM
-    from dp_diffusers.lora import add_lora
     from dp_diffusers.models.configs import TINY, build_class_conditional_ldm
     from dp_diffusers.privacy import DPEngine, PrivacyConfig
-    from dp_diffusers.trainable import TrainableConfig
+    from dp_diffusers.trainable import TrainableConfig, select_trainable
 
     torch.manual_seed(0)
     family = ClassConditionalLDM(DPLDMPipeline(**build_class_conditional_ldm(TINY)))
-    report = add_lora(family.denoiser, rank=2, config=TrainableConfig(train_embedder=False), embedder=family.embedder)
+    config = TrainableConfig(use_lora=True, lora_rank=2, train_embedder=False)
+    report = select_trainable(family.denoiser, config=config, embedder=family.embedder)
     assert "embedder" not in report.modules
     model = family.loss_module().train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -174,12 +174,17 @@ def test_lora_per_example_gradients_match_a_loop():
     from torch.utils.data import TensorDataset
 
     from dp_diffusers.families import DiTFamily
-    from dp_diffusers.lora import add_lora
     from dp_diffusers.models.tiny import build_tiny_dit
+    from dp_diffusers.trainable import TrainableConfig, select_trainable
 
     family = DiTFamily(build_tiny_dit())
     family.adopt_labels({0: "a", 1: "b"})
-    add_lora(family.denoiser, rank=2, embedder=family.embedder, block_classes=family.attention_block_classes)
+    select_trainable(
+        family.denoiser,
+        config=TrainableConfig(use_lora=True, lora_rank=2),
+        embedder=family.embedder,
+        block_classes=family.attention_block_classes,
+    )
     model = family.loss_module().train()
     n, shape = 3, (2, 8, 8)
     g = torch.Generator().manual_seed(0)
@@ -193,14 +198,24 @@ def test_lora_per_example_gradients_match_a_loop():
 
 
 def test_lora_targets_follow_the_layer_selection():
-    from dp_diffusers.lora import add_lora, lora_target_names
+    """One selection for full fine-tuning and LoRA: the adapters sit exactly on the linear layers that the same
+    options unfreeze with scope attention_projections (or target_modules)."""
     from dp_diffusers.models.tiny import build_tiny_stable_diffusion
-    from dp_diffusers.trainable import TrainableConfig
+    from dp_diffusers.trainable import TrainableConfig, select_modules, select_trainable
 
-    unet = build_tiny_stable_diffusion().unet
-    names = lora_target_names(unet, config=TrainableConfig(attention_layers="7"))
+    def adapted(**options):
+        unet = build_tiny_stable_diffusion().unet
+        report = select_trainable(unet, config=TrainableConfig(use_lora=True, lora_rank=2, **options))
+        lora = sorted({n.split(".lora_")[0] for n, p in unet.named_parameters() if p.requires_grad})
+        assert lora == sorted(report.modules)
+        return report.modules
+
+    names = adapted(attention_layers="7")
     assert len(names) == 8 and all(n.startswith("up_blocks.1.attentions.1.") for n in names)
-    regex = lora_target_names(unet, config=TrainableConfig(target_modules=r".*mid_block.*attn1\.to_[qv]"))
+    unet = build_tiny_stable_diffusion().unet
+    full = select_modules(unet, config=TrainableConfig(scope="attention_projections", attention_layers="7"))
+    assert names == [n for n, _ in full]
+    regex = adapted(target_modules=r".*mid_block.*attn1\.to_[qv]")
     assert regex == [f"mid_block.attentions.0.transformer_blocks.0.attn1.to_{p}" for p in "qv"]
-    with pytest.raises(UserInputError, match="--lora_rank"):
-        add_lora(unet, rank=0)
+    with pytest.raises(UserInputError, match="lora_rank"):
+        TrainableConfig(use_lora=True, lora_rank=0)

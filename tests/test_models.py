@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -81,3 +82,44 @@ def test_bad_layer_range(tiny_parts, spec):
 
     with pytest.raises(UserInputError, match="attention_layers"):
         select_trainable(tiny_parts["unet"], config=TrainableConfig(attention_layers=spec))
+
+
+def test_full_scope_trains_every_denoiser_parameter(tiny_parts):
+    unet, emb = tiny_parts["unet"], tiny_parts["embedder"]
+    report = select_trainable(unet, config=TrainableConfig(scope="full"), embedder=emb)
+    assert all(p.requires_grad for p in unet.parameters()) and all(p.requires_grad for p in emb.parameters())
+    assert report.trainable == report.total and report.modules == [
+        "UNet2DConditionModel (every parameter)",
+        "embedder",
+    ]
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (dict(target_modules=["to_q"], scope="attention_blocks"), "`target_modules` chooses the modules by itself"),
+        (dict(target_modules=["to_q"], attention_layers="1-2"), "`attention_layers` would be ignored"),
+        (dict(scope="full", attention_layers="1-2"), "scope 'full' trains every parameter"),
+        (dict(use_lora=True, scope="attention_blocks"), "`use_lora` puts adapters on the attention projections"),
+        (dict(use_lora=True, scope="full"), "drop the scope"),
+        (dict(lora_rank=8), "`lora_rank` and `lora_alpha` apply to LoRA adapters only"),
+        (dict(lora_alpha=16.0), "add `use_lora`"),
+        (dict(use_lora=True, lora_rank=0), "`lora_rank` must be a positive integer"),
+        (dict(scope="everything"), "use one of attention_blocks, attention_projections, full"),
+    ],
+)
+def test_conflicting_choices_are_refused_when_the_config_is_made(options, needle):
+    """Nothing is silently ignored: target_modules used to override scope and attention_layers, and use_lora the
+    scope, without a word."""
+    from dp_diffusers import UserInputError
+
+    with pytest.raises(UserInputError, match=re.escape(needle)):
+        TrainableConfig(**options)
+
+
+def test_matches_target_has_peft_semantics():
+    from dp_diffusers.trainable import matches_target
+
+    assert matches_target("a.attn1.to_q", ["to_q"]) and matches_target("to_q", ["to_q"])
+    assert not matches_target("a.attn1.to_qx", ["to_q"])
+    assert matches_target("a.attn1.to_q", r".*attn1\.to_q") and not matches_target("a.attn1.to_q", r"attn1\.to_q")

@@ -159,7 +159,7 @@ def _load_local_dir(root: Path, split: str) -> tuple[datasets.Dataset, str]:
             files = [p for p, s in by_split.items() if s == split]
         elif found:
             raise UserInputError(
-                f"folder '{root}' has no '{split}' split (found: {', '.join(found)}); pass --dataset_split=..."
+                f"folder '{root}' has no '{split}' split (found: {', '.join(found)}); pass `split`=..."
             )
         else:  # no split in the file names: all files are one split
             files = parquet
@@ -181,7 +181,7 @@ def _load_hub(hub_id: str, split: str, cache_dir: str | None = None) -> datasets
     except Exception as e:
         raise UserInputError(
             f"could not load '{hub_id}' (split '{split}') from the Hugging Face Hub ({first_line(e)}); check the "
-            "id, the split (--dataset_split) and the network, or pass a local folder or .parquet file."
+            "id, the split (`split`) and the network, or pass a local folder or .parquet file."
         ) from e
 
 
@@ -208,8 +208,8 @@ def _guess_label_column(dataset: datasets.Dataset) -> str | None:
 #: What works when class-conditional training meets images without labels.
 NO_LABELS_HINT = (
     "put the images in one subfolder per class (an image folder), add a metadata.csv or metadata.jsonl beside them "
-    "with a label column (and --class_names), or start from an unconditional base model (an LDMPipeline, "
-    "--pretrained_model_name_or_path)"
+    "with a label column (and `class_names`), or start from an unconditional base model (an LDMPipeline, "
+    "`pretrained_model_name_or_path`)"
 )
 
 
@@ -241,7 +241,7 @@ def _ensure_image_feature(dataset: datasets.Dataset, column: str, *, source: str
     except Exception as e:
         raise UserInputError(
             f"column '{column}' of dataset '{source}' does not hold images ({dataset.features[column]}); "
-            "pass --image_column=..."
+            "pass `image_column`=..."
         ) from e
 
 
@@ -262,14 +262,14 @@ def _encode_labels(
         if class_names is not None and list(class_names) != list(feature.names):
             raise UserInputError(
                 f"dataset '{source}' declares the classes {list(feature.names)} in column '{column}', but "
-                f"{declared_by} says {list(class_names)}: drop --class_names or make them equal."
+                f"{declared_by} says {list(class_names)}: drop `class_names` or make them equal."
             )
         return dataset, dict(enumerate(feature.names)), "the dataset's ClassLabel feature (its declared schema)"
     if not isinstance(feature, datasets.Value) or not (
         feature.dtype in ("bool", "string", "large_string") or feature.dtype.startswith(("int", "uint", "float"))
     ):
         raise UserInputError(
-            f"column '{column}' of dataset '{source}' holds {feature}, not class labels; pass --label_column=..."
+            f"column '{column}' of dataset '{source}' holds {feature}, not class labels; pass `label_column`=..."
         )
     if feature.dtype == "bool":
         names = list(class_names) if class_names is not None else ["False", "True"]
@@ -280,7 +280,7 @@ def _encode_labels(
         raise UserInputError(
             f"label column '{column}' of dataset '{source}' declares no label set (it is not a datasets ClassLabel), "
             "and reading one from the private labels would leak which classes occur: declare the classes with "
-            "--class_names=name0,name1,... (or a file, one name per line; integer labels are indices into it)."
+            "`class_names`=name0,name1,... (or a file, one name per line; integer labels are indices into it)."
         )
     else:
         names, origin = list(class_names), declared_by
@@ -296,7 +296,7 @@ def _encode_labels(
         if feature.dtype.startswith("float") and not all(float(v).is_integer() for v in values):
             raise UserInputError(
                 f"column '{column}' of dataset '{source}' holds non-integer numbers, not class labels; "
-                "pass --label_column=..."
+                "pass `label_column`=..."
             )
         ids = [int(v) if 0 <= v < len(names) else -1 for v in values]
     outside = sum(i < 0 for i in ids)
@@ -321,9 +321,9 @@ def parse_class_names(spec: str | None) -> tuple[str, ...] | None:
     else:
         names = [part.strip() for part in str(spec).split(",")]
     if not names or any(not n for n in names):
-        raise UserInputError(f"--class_names={spec!r}: give non-empty names separated by commas, or a file.")
+        raise UserInputError(f"`class_names`={spec!r}: give non-empty names separated by commas, or a file.")
     if len(set(names)) != len(names):
-        raise UserInputError(f"--class_names={spec!r} names a class twice.")
+        raise UserInputError(f"`class_names`={spec!r} names a class twice.")
     return tuple(names)
 
 
@@ -362,8 +362,7 @@ def load_image_dataset(
         preset = PRESETS[name or "digits"]
         if split != "train":
             raise UserInputError(
-                f"the embedded data set '{preset.name}' has only a 'train' split, not '{split}'; "
-                "pass --dataset_split=train."
+                f"the embedded data set '{preset.name}' has only a 'train' split, not '{split}'; pass `split`=train."
             )
         if preset.name == "digits":
             dataset, source = load_sklearn_digits(), "scikit-learn digits (embedded, 1,797 images)"
@@ -397,14 +396,14 @@ def load_image_dataset(
             )
 
     if isinstance(dataset, datasets.DatasetDict):  # cannot happen with split=...; guard for odd loaders
-        raise UserInputError(f"dataset '{source}' has several splits; pass --dataset_split=...")
+        raise UserInputError(f"dataset '{source}' has several splits; pass `split`=...")
 
     if image_column is None:
         image_column = preset.image_column if preset is not None else _guess_image_column(dataset)
         if image_column is None:
             raise UserInputError(
                 f"dataset '{source}' has no image column (columns: {', '.join(dataset.column_names)}); "
-                "pass --image_column=..."
+                "pass `image_column`=..."
             )
     _check_column(dataset, image_column, source=source, flag="image_column")
     dataset = _ensure_image_feature(dataset, image_column, source=source)
@@ -416,8 +415,8 @@ def load_image_dataset(
     if label_column is not None:
         _check_column(dataset, label_column, source=source, flag="label_column")
         if label_column == image_column:
-            raise UserInputError(f"the label column '{label_column}' is the image column; pass --label_column=...")
-        declared_by = "class_names (--class_names)"
+            raise UserInputError(f"the label column '{label_column}' is the image column; pass `label_column`=...")
+        declared_by = "the given class names"
         if class_names is None and preset is not None and label_column == preset.label_column:
             class_names, declared_by = preset.class_names, f"the preset '{preset.name}'"
         dataset, id2label, label_set_source = _encode_labels(
@@ -428,7 +427,7 @@ def load_image_dataset(
             declared_by=declared_by,
         )
     elif class_names is not None:
-        raise UserInputError(f"class names were given, but dataset '{source}' has no label column (--label_column).")
+        raise UserInputError(f"class names were given, but dataset '{source}' has no label column (`label_column`).")
 
     return LoadedDataset(
         dataset=dataset,
@@ -452,9 +451,10 @@ def _open(value) -> Image.Image:
     return image
 
 
-def drop_unreadable_images(loaded: LoadedDataset, *, skip: bool) -> tuple[LoadedDataset, int]:
+def drop_unreadable_images(loaded: LoadedDataset, *, skip_bad_images: bool) -> tuple[LoadedDataset, int]:
     """Decodes every image once. Unreadable ones (corrupt, truncated, not an image) stop the run with a one-line
-    error giving their count, or with ``skip`` are left out; returns the data set and how many were left out.
+    error giving their count, or with ``skip_bad_images`` are left out; returns the data set and how many were left
+    out.
 
     Which images are left out depends only on each file on its own (whether it decodes), never on the others."""
     from tqdm.auto import tqdm
@@ -475,11 +475,11 @@ def drop_unreadable_images(loaded: LoadedDataset, *, skip: bool) -> tuple[Loaded
             bar.update(min(_DECODE_BATCH, n - start))
     if not bad:
         return loaded, 0
-    if not skip:
+    if not skip_bad_images:
         row, error = first_error
         raise UserInputError(
             f"{len(bad)} image(s) of '{loaded.source}' cannot be decoded (first: row {row}, {error}): fix or remove "
-            "them, or pass --skip_bad_images to train without them."
+            "them, or pass `skip_bad_images` to train without them."
         )
     if len(bad) == n:
         raise UserInputError(f"none of the {n} images of '{loaded.source}' can be decoded.")
@@ -523,9 +523,9 @@ def _uint8_to_float(array: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _check_channels(channels: int, resolution: int) -> None:
     if channels not in (1, 3):
-        raise UserInputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}; pass --channels=1 or 3.")
+        raise UserInputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
     if resolution < 1:
-        raise UserInputError(f"resolution must be positive, got {resolution}; pass --resolution=...")
+        raise UserInputError(f"resolution must be positive, got {resolution}.")
 
 
 @dataclass(frozen=True)

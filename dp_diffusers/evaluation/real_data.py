@@ -85,7 +85,7 @@ def load_labelled_images(
         return (x[:max_items], y[:max_items]) if max_items is not None else (x, y)
     loaded = load_image_dataset(source, split=split, image_column=image_column, label_column=label_column)
     if loaded.label_column is None:
-        raise UserInputError(f"{loaded.source} has no label column; pass its name (label_column / --label_column).")
+        raise UserInputError(f"{loaded.source} has no label column; pass its name (`label_column`).")
     return dataset_to_arrays(
         loaded.dataset, image_column=loaded.image_column, label_column=loaded.label_column, max_items=max_items
     )

@@ -33,11 +33,11 @@ def read_model_index(name_or_path: str, *, revision: str | None = None, cache_di
         if not os.path.isfile(path):
             raise UserInputError(
                 f"No pipeline at {name_or_path!r} (model_index.json missing): pass a diffusers pipeline folder to "
-                "--pretrained_model_name_or_path."
+                "`pretrained_model_name_or_path`."
             )
     elif looks_local(name_or_path):
         raise UserInputError(
-            f"No pipeline at {name_or_path!r} (model_index.json missing): check --pretrained_model_name_or_path."
+            f"No pipeline at {name_or_path!r} (model_index.json missing): check `pretrained_model_name_or_path`."
         )
     else:
         from huggingface_hub import constants, hf_hub_download
@@ -92,7 +92,7 @@ def load_family(
     except Exception as e:  # diffusers/safetensors raise many types; the user needs one line and the fix
         raise UserInputError(
             f"Could not load the {family.pipeline_class.__name__} at {name_or_path!r} ({first_line(e)}): re-save or "
-            "re-download it, or check --revision / --variant."
+            "re-download it, or check `revision` / `variant`."
         ) from e
 
 

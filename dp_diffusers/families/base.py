@@ -42,7 +42,7 @@ def parse_label_map(spec: str | None) -> dict[int, int] | None:
             mapping[int(key)] = int(value)
     except ValueError:
         raise UserInputError(
-            f"--label_map={spec!r} is not a list of private_id:model_class_id pairs, e.g. '0:207,1:360'."
+            f"`label_map`={spec!r} is not a list of private_id:model_class_id pairs, e.g. '0:207,1:360'."
         ) from None
     return mapping
 
@@ -108,11 +108,11 @@ class ModelFamily:
         if not self.resizable:
             raise UserInputError(
                 f"a {self.name} base model generates {self.resolution}x{self.resolution} images only (its position "
-                f"embedding fixes the size): drop --resolution={resolution}."
+                f"embedding fixes the size): drop `resolution`={resolution}."
             )
         if resolution < factor or resolution % factor:
             raise UserInputError(
-                f"--resolution={resolution} is not a multiple of the autoencoder's downsampling factor {factor}: use "
+                f"`resolution`={resolution} is not a multiple of the autoencoder's downsampling factor {factor}: use "
                 f"e.g. {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor}."
             )
         self.denoiser.register_to_config(sample_size=resolution // factor)

@@ -165,7 +165,7 @@ class DiTFamily(ModelFamily):
     def adopt_labels(self, id2label: dict[int, str]) -> None:
         n, classes = len(id2label), self.num_model_classes
         if n == 0:
-            raise UserInputError("A DiT model needs labelled private data: pass --label_column.")
+            raise UserInputError("A DiT model needs labelled private data: pass `label_column`.")
         if n > classes:
             raise UserInputError(
                 f"The private data has {n} classes but the base DiT has {classes}: use a base model with more classes."
@@ -173,13 +173,13 @@ class DiTFamily(ModelFamily):
         mapping = self.options.label_map
         if mapping is not None and sorted(mapping) != list(range(n)):
             raise UserInputError(
-                f"--label_map must map every private label id 0..{n - 1} exactly once (got ids {sorted(mapping)})."
+                f"`label_map` must map every private label id 0..{n - 1} exactly once (got ids {sorted(mapping)})."
             )
         if mapping is not None and (
             len(set(mapping.values())) != n or not all(0 <= v < classes for v in mapping.values())
         ):
             raise UserInputError(
-                "--label_map must map the private labels onto distinct class ids of the model, within "
+                "`label_map` must map the private labels onto distinct class ids of the model, within "
                 f"0..{classes - 1}."
             )
         weight = self._originals[0].embedding_table.weight.detach()
@@ -234,7 +234,7 @@ class DiTFamily(ModelFamily):
             self.vae, dataset, rows=rows, batch_size=batch_size, device=device, progress=progress
         )
         if labels.numel() and labels.min() < 0:
-            raise UserInputError("A DiT model needs labels for every private image: pass --label_column.")
+            raise UserInputError("A DiT model needs labels for every private image: pass `label_column`.")
         return torch.utils.data.TensorDataset(*latents, labels)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> DiTLoss:

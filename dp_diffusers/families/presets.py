@@ -175,7 +175,7 @@ def recommended_base(dataset_name: str | None) -> PublicBase | None:
     if name == "printed_digits":
         raise UserInputError(
             "printed_digits is the public pre-training data of the shipped model, not private data: pass "
-            "--pretrained_model_name_or_path with a base that never saw it."
+            "`pretrained_model_name_or_path` with a base that never saw it."
         )
     return RECOMMENDED_BASES.get(name)
 
@@ -199,7 +199,7 @@ def check_base_model(base: str, dataset_name: str | None) -> None:
     recommendation = RECOMMENDED_BASES.get(key)
     alternative = f", e.g. {recommendation.model}" if recommendation is not None else ""
     raise UserInputError(
-        f"--pretrained_model_name_or_path={base} was pre-trained on {found.pretraining_data}, which is (or contains) "
+        f"`pretrained_model_name_or_path`={base} was pre-trained on {found.pretraining_data}, which is (or contains) "
         f"the private data {dataset_name}: it may already memorise private images and no DP guarantee covers its "
         f"weights; use a public base that never saw {dataset_name}{alternative}."
     )

@@ -106,7 +106,7 @@ class TextConditionalLDM(ModelFamily):
             parts = [getattr(model, n, None) for n in ("embeddings", "encoder", "final_layer_norm")]
             if any(p is None for p in parts) or not hasattr(parts[0], "token_embedding"):
                 kind = type(self.text_encoder).__name__
-                raise UserInputError(f"--train_text_encoder supports CLIP text encoders; this one is a {kind}.")
+                raise UserInputError(f"`train_text_encoder` supports CLIP text encoders; this one is a {kind}.")
             self._embedder = nn.ModuleList([parts[0].token_embedding, parts[1], parts[2]])
         return self._embedder
 
@@ -119,7 +119,7 @@ class TextConditionalLDM(ModelFamily):
             if column not in data.column_names:
                 raise UserInputError(
                     f"dataset '{loaded.source}' has no column '{column}' (columns: {', '.join(data.column_names)}); "
-                    "pass --caption_column=..."
+                    "pass `caption_column`=..."
                 )
             captions = data.select_columns([column]).with_format("arrow")[:][column].to_pylist()
             if any(not isinstance(c, str) for c in captions):
@@ -127,10 +127,10 @@ class TextConditionalLDM(ModelFamily):
             self._prompts = captions
             return
         if "{label}" not in self.template:
-            raise UserInputError(f"--prompt_template={self.template!r} must contain '{{label}}'.")
+            raise UserInputError(f"`prompt_template`={self.template!r} must contain '{{label}}'.")
         if loaded.label_column is None:
             raise UserInputError(
-                "Prompts from --prompt_template need labels: pass --label_column or --caption_column."
+                "Prompts from `prompt_template` need labels: pass `label_column` or `caption_column`."
             )
         self._id2label = dict(loaded.id2label)
         labels = data.select_columns([loaded.label_column]).with_format("arrow")[:][loaded.label_column].to_pylist()

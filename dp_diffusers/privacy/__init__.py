@@ -17,7 +17,7 @@ from .accounting import (
     would_exceed,
 )
 from .compatibility import check_trainable_modules, find_incompatible_modules
-from .config import FLAGS, GRAD_SAMPLE_MODES, PrivacyConfig, default_delta
+from .config import GRAD_SAMPLE_MODES, PrivacyConfig, default_delta
 from .engine import DPEngine
 from .multiplicity import NoiseMultiplicityMixin, reduce_rows, repeat_rows
 from .optimizers import DistributedMultiplicityDPOptimizer, MultiplicityDPOptimizer
@@ -25,7 +25,6 @@ from .randomness import RandomnessSource
 
 __all__ = [
     "ACCOUNTANTS",
-    "FLAGS",
     "GRAD_SAMPLE_MODES",
     "DPEngine",
     "DistributedMultiplicityDPOptimizer",

@@ -62,7 +62,7 @@ def plan_steps(*, sample_rate: float, epochs: float | None, max_steps: int | Non
 def make_accountant(name: str) -> IAccountant:
     """A fresh Opacus accountant ("prv", "rdp" or "gdp")."""
     if name not in ACCOUNTANTS:
-        raise UserInputError(f"Unknown accountant {name!r}: set --accountant to one of {', '.join(ACCOUNTANTS)}.")
+        raise UserInputError(f"Unknown accountant {name!r}: set `accountant` to one of {', '.join(ACCOUNTANTS)}.")
     with warnings.catch_warnings():
         # GaussianAccountant warns that it is experimental on every construction; the config warns once instead.
         warnings.simplefilter("ignore")
@@ -154,7 +154,7 @@ def calibrate_noise(
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise UserInputError(
             f"No noise level reaches epsilon {target_epsilon} in {steps} steps at sample rate {sample_rate:.4g} "
-            f"({err}): raise --epsilon, or train fewer steps (--num_train_epochs / --max_train_steps)."
+            f"({err}): raise `target_epsilon`, or train fewer steps (`epochs` / `max_steps`)."
         ) from err
 
 

@@ -8,22 +8,6 @@ from dataclasses import asdict, dataclass, field
 from ..errors import UserInputError
 from .accounting import ACCOUNTANTS, compute_sample_rate, epsilon_after, plan_steps
 
-#: How each field is spelled on the training script's command line; error messages name these flags.
-FLAGS = {
-    "target_epsilon": "--epsilon",
-    "delta": "--delta",
-    "noise_multiplier": "--noise_multiplier",
-    "max_grad_norm": "--max_grad_norm",
-    "accountant": "--accountant",
-    "grad_sample_mode": "--grad_sample_mode",
-    "noise_multiplicity": "--noise_multiplicity",
-    "expected_batch_size": "--train_batch_size",
-    "max_physical_batch_size": "--max_physical_batch_size",
-    "epochs": "--num_train_epochs",
-    "max_steps": "--max_train_steps",
-    "disable_dp": "--disable_dp",
-}
-
 #: Per-sample gradient back-ends (Opacus ``grad_sample_mode``) this package supports.
 GRAD_SAMPLE_MODES = ("hooks", "bookkeeping", "functorch", "ghost")
 
@@ -156,78 +140,75 @@ class PrivacyConfig:
     def _validate_batches(self, n: int) -> None:
         b = self.expected_batch_size
         if not isinstance(b, int) or b < 1:
-            raise UserInputError(f"{FLAGS['expected_batch_size']} must be a positive integer, got {b!r}.")
+            raise UserInputError(f"`expected_batch_size` must be a positive integer, got {b!r}.")
         p = self.max_physical_batch_size
         if p is not None:
             if not isinstance(p, int) or p < 1:
-                raise UserInputError(f"{FLAGS['max_physical_batch_size']} must be a positive integer, got {p!r}.")
+                raise UserInputError(f"`max_physical_batch_size` must be a positive integer, got {p!r}.")
             if p > b:
                 raise UserInputError(
-                    f"{FLAGS['max_physical_batch_size']} ({p}) exceeds the logical batch size "
-                    f"{FLAGS['expected_batch_size']} ({b}): lower it to at most {b}."
+                    f"`max_physical_batch_size` ({p}) exceeds the logical batch size "
+                    f"`expected_batch_size` ({b}): lower it to at most {b}."
                 )
         if n < b:
             raise UserInputError(
-                f"The training set has {n} examples, fewer than the logical batch {FLAGS['expected_batch_size']} "
-                f"({b}): lower {FLAGS['expected_batch_size']} to at most {n}."
+                f"The training set has {n} examples, fewer than the logical batch `expected_batch_size` "
+                f"({b}): lower `expected_batch_size` to at most {n}."
             )
         k = self.noise_multiplicity
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise UserInputError(f"{FLAGS['noise_multiplicity']} must be an integer >= 1, got {k!r}.")
+            raise UserInputError(f"`noise_multiplicity` must be an integer >= 1, got {k!r}.")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise UserInputError(
-                f"Unknown {FLAGS['grad_sample_mode']} {self.grad_sample_mode!r}: use one of "
-                f"{', '.join(GRAD_SAMPLE_MODES)}."
+                f"Unknown `grad_sample_mode` {self.grad_sample_mode!r}: use one of {', '.join(GRAD_SAMPLE_MODES)}."
             )
         if self.grad_sample_mode == "ghost" and k > 1 and not self.disable_dp:
             raise UserInputError(
-                f"{FLAGS['grad_sample_mode']} ghost cannot average an example's {k} noise draws before clipping "
-                f"(it only sees per-row gradient norms): use {FLAGS['grad_sample_mode']} hooks or "
-                f"{FLAGS['noise_multiplicity']} 1."
+                f"`grad_sample_mode` ghost cannot average an example's {k} noise draws before clipping "
+                f"(it only sees per-row gradient norms): use `grad_sample_mode` hooks or "
+                f"`noise_multiplicity` 1."
             )
 
     def _validate_schedule(self) -> None:
         if self.epochs is not None and (not _is_number(self.epochs) or self.epochs <= 0):
-            raise UserInputError(f"{FLAGS['epochs']} must be a positive number, got {self.epochs!r}.")
+            raise UserInputError(f"`epochs` must be a positive number, got {self.epochs!r}.")
         if self.max_steps is not None and (
             not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or self.max_steps < 1
         ):
-            raise UserInputError(f"{FLAGS['max_steps']} must be a positive integer, got {self.max_steps!r}.")
+            raise UserInputError(f"`max_steps` must be a positive integer, got {self.max_steps!r}.")
         no_plan = self.epochs is None and self.max_steps is None
         if no_plan and (self.disable_dp or self.noise_multiplier is None or self.target_epsilon is None):
             raise UserInputError(
-                f"Set {FLAGS['epochs']} or {FLAGS['max_steps']} (training runs until its budget is spent only with "
-                f"both {FLAGS['noise_multiplier']} and {FLAGS['target_epsilon']})."
+                "Set `epochs` or `max_steps` (training runs until its budget is spent only with "
+                "both `noise_multiplier` and `target_epsilon`)."
             )
 
     def _validate_privacy(self, n: int) -> None:
         if self.accountant not in ACCOUNTANTS:
-            raise UserInputError(
-                f"Unknown {FLAGS['accountant']} {self.accountant!r}: use one of {', '.join(ACCOUNTANTS)}."
-            )
+            raise UserInputError(f"Unknown `accountant` {self.accountant!r}: use one of {', '.join(ACCOUNTANTS)}.")
         c = self.max_grad_norm
         if not _is_number(c) or c <= 0:
-            raise UserInputError(f"{FLAGS['max_grad_norm']} must be a positive number, got {c!r}.")
+            raise UserInputError(f"`max_grad_norm` must be a positive number, got {c!r}.")
         eps, sigma = self.target_epsilon, self.noise_multiplier
         if eps is not None and (not _is_number(eps) or eps <= 0):
-            raise UserInputError(f"{FLAGS['target_epsilon']} must be a positive number, got {eps!r}.")
+            raise UserInputError(f"`target_epsilon` must be a positive number, got {eps!r}.")
         if sigma is not None and (not _is_number(sigma) or sigma < 0):
-            raise UserInputError(f"{FLAGS['noise_multiplier']} must be a number >= 0, got {sigma!r}.")
+            raise UserInputError(f"`noise_multiplier` must be a number >= 0, got {sigma!r}.")
         if eps is None and sigma is None:
             raise UserInputError(
-                f"Set {FLAGS['target_epsilon']} (to calibrate the noise) or {FLAGS['noise_multiplier']}, "
-                f"or pass {FLAGS['disable_dp']} to train without privacy."
+                "Set `target_epsilon` (to calibrate the noise) or `noise_multiplier`, "
+                "or pass `disable_dp` to train without privacy."
             )
         if sigma == 0 and eps is not None:
             raise UserInputError(
-                f"{FLAGS['noise_multiplier']} 0 adds no noise, so no finite {FLAGS['target_epsilon']} holds: "
-                f"drop {FLAGS['noise_multiplier']} to calibrate it from {FLAGS['target_epsilon']}."
+                "`noise_multiplier` 0 adds no noise, so no finite `target_epsilon` holds: "
+                "drop `noise_multiplier` to calibrate it from `target_epsilon`."
             )
         delta = self.resolve_delta(dataset_size=n)
         if not _is_number(delta) or delta <= 0 or delta >= 1.0 / n:
             raise UserInputError(
-                f"{FLAGS['delta']} must be in (0, 1/N) = (0, {1.0 / n:.3g}) for N={n} examples, got {delta!r}; "
-                f"e.g. {FLAGS['delta']} {default_delta(n):g}."
+                f"`delta` must be in (0, 1/N) = (0, {1.0 / n:.3g}) for N={n} examples, got {delta!r}; "
+                f"e.g. `delta` {default_delta(n):g}."
             )
         steps = self.planned_steps(dataset_size=n)
         if sigma is not None and eps is not None and steps is not None:
@@ -235,8 +216,8 @@ class PrivacyConfig:
             spent = epsilon_after([(sigma, q, steps)], accountant=self.accountant, delta=delta)
             if spent > eps:
                 raise UserInputError(
-                    f"{FLAGS['noise_multiplier']} {sigma:g} spends epsilon {spent:.3g} over the planned {steps} "
-                    f"steps, more than {FLAGS['target_epsilon']} {eps:g}: drop {FLAGS['noise_multiplier']} to "
-                    f"calibrate it from {FLAGS['target_epsilon']}, or drop {FLAGS['target_epsilon']} "
+                    f"`noise_multiplier` {sigma:g} spends epsilon {spent:.3g} over the planned {steps} "
+                    f"steps, more than `target_epsilon` {eps:g}: drop `noise_multiplier` to "
+                    f"calibrate it from `target_epsilon`, or drop `target_epsilon` "
                     "(or plan fewer steps)."
                 )

@@ -55,7 +55,7 @@ from .accounting import (
 )
 from .bookkeeping import BOOKKEEPING_INPUTS
 from .compatibility import check_trainable_modules
-from .config import FLAGS, PrivacyConfig
+from .config import PrivacyConfig
 from .grad_sample import DPGradSampleModule
 from .optimizers import engine_optimizer_class
 from .randomness import CALLER, CSPRNG, OS_ENTROPY, RandomnessSource, noise_source_description
@@ -284,8 +284,8 @@ class DPEngine:
         if data_loader.batch_size not in (None, b):
             raise UserInputError(
                 f"The data loader's batch_size is {data_loader.batch_size} but the logical batch "
-                f"{FLAGS['expected_batch_size']} is {b}: build it with batch_size={b} (the engine splits batches into "
-                f"physical ones of at most {FLAGS['max_physical_batch_size']})."
+                f"`expected_batch_size` is {b}: build it with batch_size={b} (the engine splits batches into "
+                f"physical ones of at most `max_physical_batch_size`)."
             )
 
     def _check_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -359,10 +359,10 @@ class DPEngine:
     def _make_plain(self, module, optimizer, data_loader, distributed, seed) -> None:
         b, w = self.config.expected_batch_size, self._world_size
         if b % w:
-            raise UserInputError(f"{FLAGS['expected_batch_size']} ({b}) must be a multiple of the {w} processes.")
+            raise UserInputError(f"`expected_batch_size` ({b}) must be a multiple of the {w} processes.")
         if self.config.physical_batch_size > b // w:
             raise UserInputError(
-                f"{FLAGS['max_physical_batch_size']} ({self.config.physical_batch_size}) exceeds the per-process "
+                f"`max_physical_batch_size` ({self.config.physical_batch_size}) exceeds the per-process "
                 f"batch {b // w}: lower it."
             )
         self._local_batch_size = b // w
@@ -557,7 +557,7 @@ class DPEngine:
         sd = state_dict
         if bool(sd.get("private")) != self.private:
             was = "with" if sd.get("private") else "without"
-            raise UserInputError(f"The checkpoint was trained {was} DP: resume with the same {FLAGS['disable_dp']}.")
+            raise UserInputError(f"The checkpoint was trained {was} DP: resume with the same `disable_dp`.")
         if sd.get("dataset_size") != self.dataset_size:
             raise UserInputError(
                 f"The checkpoint was trained on {sd.get('dataset_size')} examples, this run has {self.dataset_size}: "
@@ -567,15 +567,15 @@ class DPEngine:
             if sd.get("accountant") != self.config.accountant:
                 raise UserInputError(
                     f"The checkpoint used accountant {sd.get('accountant')!r}: resume with "
-                    f"{FLAGS['accountant']} {sd.get('accountant')}."
+                    f"`accountant` {sd.get('accountant')}."
                 )
             for key, flag in (("sample_rate", "expected_batch_size"), ("noise_multiplier", "noise_multiplier")):
                 theirs, ours = sd.get(key), getattr(self, key)
                 if theirs is None or not math.isclose(float(theirs), float(ours), rel_tol=1e-9, abs_tol=0.0):
                     raise UserInputError(
                         f"The checkpoint's {key} {theirs} differs from this run's {ours}: resume with the same "
-                        f"{FLAGS[flag]}, {FLAGS['target_epsilon']}, {FLAGS['noise_multiplier']} and planned steps "
-                        f"({FLAGS['epochs']} / {FLAGS['max_steps']})."
+                        f"`{flag}`, `target_epsilon`, `noise_multiplier` and planned steps "
+                        f"(`epochs` / `max_steps`)."
                     )
             history = [(float(s), float(q), int(t)) for s, q, t in sd.get("history", [])]
             self.accountant.load_state_dict({"history": history, "mechanism": self.config.accountant})
