@@ -378,9 +378,9 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
     cfg = config
     require_audit_extra()  # fail before training, not after
     if cfg.grad_sample_mode not in ("bookkeeping", "hooks"):
-        raise UserInputError(f"--grad_sample_mode must be bookkeeping or hooks, got {cfg.grad_sample_mode!r}.")
+        raise UserInputError(f"`grad_sample_mode` must be bookkeeping or hooks, got {cfg.grad_sample_mode!r}.")
     if cfg.num_canaries < 2:
-        raise UserInputError(f"--num_canaries must be at least 2, got {cfg.num_canaries}.")
+        raise UserInputError(f"`num_canaries` must be at least 2, got {cfg.num_canaries}.")
     out = _prepare_output_dir(output_dir)
     started = time.time()
     torch.manual_seed(cfg.seed)
@@ -421,7 +421,7 @@ def run_white_box(*, config: WhiteBoxConfig, output_dir: str | Path, progress: b
     total = sum(p.numel() for p in dp_optimizer.params)
     if cfg.num_canaries > total:
         raise UserInputError(
-            f"--num_canaries {cfg.num_canaries} exceeds the {total} trained coordinates (one canary per coordinate)."
+            f"`num_canaries` {cfg.num_canaries} exceeds the {total} trained coordinates (one canary per coordinate)."
         )
     entropy = os_entropy_generator()
     included = draw_inclusion(cfg.num_canaries, generator=entropy)
@@ -647,7 +647,7 @@ def run_black_box(*, config: BlackBoxConfig, output_dir: str | Path, progress: b
     cfg = config
     require_audit_extra()
     if cfg.num_canaries < 2:
-        raise UserInputError(f"--num_canaries must be at least 2, got {cfg.num_canaries}.")
+        raise UserInputError(f"`num_canaries` must be at least 2, got {cfg.num_canaries}.")
     script = _load_train_script(cfg.train_script)
     out = _prepare_output_dir(output_dir)
     started = time.time()

@@ -24,6 +24,8 @@ from dp_diffusers.errors import cli_message
 
 #: This script's flags for the library parameters its errors may name (dp_diffusers.errors.cli_message).
 FLAGS = {
+    "num_canaries": "--num_canaries",
+    "grad_sample_mode": "--grad_sample_mode",
     "target_epsilon": "--epsilon",
     "noise_multiplier": "--noise_multiplier",
     "max_grad_norm": "--max_grad_norm",

@@ -171,7 +171,7 @@ def test_preset_loads_from_hub_id_with_split(monkeypatch):
     assert loaded.preset is PRESETS["cifar10"] and "uoft-cs/cifar10" in loaded.source
     load_image_dataset("someone/some-images")
     assert calls[-1] == ("someone/some-images", "train")
-    with pytest.raises(UserInputError, match="--label_column"):  # 'img' found, but no 'label' column guessed
+    with pytest.raises(UserInputError, match="`label_column`"):  # 'img' found, but no 'label' column guessed
         load_image_dataset("someone/other", label_column="fine_label")
 
 
@@ -213,7 +213,7 @@ def test_load_embedded_sets():
     assert len(printed.dataset) == 20 and printed.preset is PRESETS["printed_digits"]
     expected = make_printed_digits(1, seed=5)[0]["image"]
     assert np.array_equal(np.asarray(printed.dataset[0]["image"]), np.asarray(expected))
-    with pytest.raises(UserInputError, match="--dataset_split"):
+    with pytest.raises(UserInputError, match="`split`"):
         load_image_dataset("digits", split="test")
 
 
@@ -236,7 +236,7 @@ def test_load_mnist_folder_and_file():
     assert len(test.dataset) == 10000 and test.dataset[0]["label"] == 7
     single = load_image_dataset(str(MNIST_DIR / "test.parquet"))
     assert len(single.dataset) == 10000 and single.label_column == "label"
-    with pytest.raises(UserInputError, match="--dataset_split"):
+    with pytest.raises(UserInputError, match="`split`"):
         load_image_dataset(str(MNIST_DIR), split="validation")
     with pytest.raises(UserInputError) as info:
         load_image_dataset(str(MNIST_DIR / "test.parquet"), image_column="img")
@@ -252,7 +252,7 @@ def _write_plain_parquet(path: Path, n: int, *, offset: int = 0) -> None:
 
 def test_load_local_parquet(tmp_path):
     _write_plain_parquet(tmp_path / "a.parquet", 6)
-    with pytest.raises(UserInputError, match="declares no label set.*--class_names"):  # never read from the data
+    with pytest.raises(UserInputError, match="declares no label set.*`class_names`"):  # never read from the data
         load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="kind")
     loaded = load_image_dataset(
         str(tmp_path / "a.parquet"), image_column="picture", label_column="kind", class_names=["bird", "cat", "dog"]
@@ -279,7 +279,7 @@ def test_load_local_parquet(tmp_path):
     with pytest.raises(UserInputError) as info:
         load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="label")
     assert "'label'" in str(info.value) and "--label_column" in str(info.value)
-    with pytest.raises(UserInputError, match="--image_column"):  # no image-like column to guess
+    with pytest.raises(UserInputError, match="`image_column`"):  # no image-like column to guess
         load_image_dataset(str(tmp_path / "a.parquet"))
     with pytest.raises(UserInputError, match="not class labels"):
         load_image_dataset(
@@ -389,7 +389,7 @@ def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path):
     (tmp_path / "pets" / "dog" / "text.png").write_bytes(b"not an image at all")
     loaded = load_image_dataset(str(tmp_path / "pets"))
     assert len(loaded.dataset) == 8
-    with pytest.raises(UserInputError, match=r"2 image\(s\) .* cannot be decoded.*--skip_bad_images"):
+    with pytest.raises(UserInputError, match=r"2 image\(s\) .* cannot be decoded.*`skip_bad_images`"):
         drop_unreadable_images(loaded, skip_bad_images=False)
     kept, skipped = drop_unreadable_images(loaded, skip_bad_images=True)
     assert skipped == 2 and len(kept.dataset) == 6 and kept.id2label == loaded.id2label

@@ -41,7 +41,16 @@ def _joined(text: str) -> str:
 
 def test_every_quoted_message_is_still_produced_or_asserted():
     """Each excerpt is in the code that raises it, or asserted by its test (messages built from flag tables)."""
-    code = _joined("\n".join(p.read_text() for p in SOURCES))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_dp_ldm_for_errors_doc", REPO / "train_dp_ldm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from dp_diffusers.errors import cli_message, parser_flags
+
+    flags = parser_flags(script.build_parser(), **script.RENAMED_PARAMETERS)
+    # Library messages name parameters (`max_grad_norm`); the catalogue quotes what the script prints (--max_grad_norm).
+    code = cli_message(_joined("\n".join(p.read_text() for p in SOURCES)), flags)
     for message, test in rows():
         asserted = _joined((REPO / test.partition("::")[0]).read_text())
         for excerpt in re.findall(r"`([^`]+)`", message):

@@ -455,13 +455,13 @@ def test_captions_become_the_prompts(bases, tmp_path):
 def test_options_of_another_family_are_refused(bases):
     from dp_diffusers.families import FamilyOptions, load_family, parse_label_map
 
-    with pytest.raises(UserInputError, match="--label_map does not apply to a text-conditional-ldm"):
+    with pytest.raises(UserInputError, match="`label_map` does not apply to a text-conditional-ldm"):
         load_family(str(bases["sd"]), options=FamilyOptions(label_map={0: 1}))
-    with pytest.raises(UserInputError, match="--caption_column, --train_text_encoder does not apply to a dit"):
+    with pytest.raises(UserInputError, match="`caption_column`, `train_text_encoder` does not apply to a dit"):
         load_family(str(bases["dit"]), options=FamilyOptions(caption_column="c", train_text_encoder=True))
     assert parse_label_map("0:207, 1:360") == {0: 207, 1: 360}
     for bad in ("0-207", "0:1,0:2", "a:b"):
-        with pytest.raises(UserInputError, match="--label_map"):
+        with pytest.raises(UserInputError, match="`label_map`"):
             parse_label_map(bad)
     dit = load_family(str(bases["dit"]), options=FamilyOptions(label_map={0: 5, 1: 5}))
     with pytest.raises(UserInputError, match="distinct class ids"):

@@ -428,7 +428,7 @@ def test_loop_misuse_and_wrong_loader_are_reported():
         next(batches)
     engine = DPEngine(config=config(), dataset_size=N)
     model = Toy()
-    with pytest.raises(UserInputError, match="--train_batch_size"):
+    with pytest.raises(UserInputError, match="`expected_batch_size`"):
         engine.make_private(module=model, optimizer=torch.optim.SGD(model.head.parameters(), lr=0.1),
                             data_loader=DataLoader(dataset(), batch_size=2))  # fmt: skip
 

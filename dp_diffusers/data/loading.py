@@ -229,7 +229,7 @@ def _check_column(dataset: datasets.Dataset, column: str, *, source: str, flag: 
     if column not in dataset.column_names:
         raise UserInputError(
             f"dataset '{source}' has no column '{column}' (columns: {', '.join(dataset.column_names)}); "
-            f"pass --{flag}=..."
+            f"pass `{flag}`=..."
         )
 
 

@@ -81,7 +81,7 @@ class ModelFamily:
         """Adopt family options; refuse those this family does not support (one-line error naming the flag)."""
         unsupported = [name for name in options.given() if name not in self.supported_options]
         if unsupported:
-            flags = ", ".join(f"--{name}" for name in unsupported)
+            flags = ", ".join(f"`{name}`" for name in unsupported)
             raise UserInputError(
                 f"{flags} does not apply to a {self.name} base model ({'/'.join(self.pipeline_class_names)}); "
                 "remove it or use another base model."
