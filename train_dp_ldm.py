@@ -536,7 +536,7 @@ def main(args: argparse.Namespace) -> None:
         logger.warning(f"--skip_bad_images: left out {skipped} image(s) that cannot be decoded.")
     if family.needs_labels and loaded.label_column is None:
         raise no_labels_error(loaded.source)
-    family.prepare_data(loaded)
+    mapping = family.prepare(loaded)  # captions, the declared label set
     logger.info(
         f"Private data: {loaded.source}, {len(loaded.dataset)} images, converted to {family.channels}x"
         f"{family.resolution}x{family.resolution} (the base model's input)"
@@ -546,10 +546,9 @@ def main(args: argparse.Namespace) -> None:
             else ""
         )
     )
-    encoded, latent_cache = _encode_private(args, family, loaded, accelerator, output_dir)
-    mapping = family.adopt_labels(loaded.id2label)
     if mapping:
         logger.info(mapping)
+    encoded, latent_cache = _encode_private(args, family, loaded, accelerator, output_dir)
 
     # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
     report = _select_trainable(args, family)
@@ -701,7 +700,7 @@ def main(args: argparse.Namespace) -> None:
         previous_release=previous_release,
         private_latent_cache=_where(latent_cache, output_dir),
     )
-    pipe = family.pipeline()
+    pipe = family.export_pipeline()
     pipe.set_progress_bar_config(disable=True)
     with atomic_directory(output_dir / ".final") as tmp:
         if args.use_lora:

@@ -261,7 +261,7 @@ def test_load_local_parquet(tmp_path):
     assert isinstance(loaded.dataset.features["picture"], datasets.Image)
     assert loaded.id2label == {0: "bird", 1: "cat", 2: "dog"}  # the declared order
     assert loaded.dataset["kind"] == [1, 2, 0, 1, 2, 0]
-    assert loaded.label_set_source == "class_names (--class_names)"
+    assert loaded.label_set_source == "the class names given as input (`class_names`)"
     reordered = load_image_dataset(
         str(tmp_path / "a.parquet"), image_column="picture", label_column="kind", class_names=["dog", "cat", "bird"]
     )

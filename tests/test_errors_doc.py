@@ -49,7 +49,7 @@ def test_every_quoted_message_is_still_produced_or_asserted():
     from dp_diffusers.errors import cli_message, parser_flags
 
     flags = parser_flags(script.build_parser(), **script.RENAMED_PARAMETERS)
-    # Library messages name parameters (`max_grad_norm`); the catalogue quotes what the script prints (--max_grad_norm).
+    # Library messages name parameters (`max_grad_norm`); the catalogue quotes what the script prints.
     code = cli_message(_joined("\n".join(p.read_text() for p in SOURCES)), flags)
     for message, test in rows():
         asserted = _joined((REPO / test.partition("::")[0]).read_text())

@@ -234,7 +234,7 @@ def test_one_example_of_a_rare_class_changes_nothing_but_the_weights(script, bas
     assert configs[0] == configs[1] and json.loads(configs[0]["embedder/config.json"])["id2label"]["3"] == "dog"
     for out in outs:
         assert (out / "model_index.json").read_text() == (outs[0] / "model_index.json").read_text()
-        assert privacy_of(out)["label_set"]["declared_by"] == "class_names (--class_names)"
+        assert privacy_of(out)["label_set"]["declared_by"] == "the class names given as input (`class_names`)"
     assert [privacy_of(o)["dataset_size"] for o in outs] == [41, 40]  # N is public; nothing else moved
 
     stray = _labelled(tmp_path / "stray.parquet", ["ant", "owl", "owl", *common])

@@ -416,7 +416,7 @@ def load_image_dataset(
         _check_column(dataset, label_column, source=source, flag="label_column")
         if label_column == image_column:
             raise UserInputError(f"the label column '{label_column}' is the image column; pass `label_column`=...")
-        declared_by = "the given class names"
+        declared_by = "the class names given as input (`class_names`)"
         if class_names is None and preset is not None and label_column == preset.label_column:
             class_names, declared_by = preset.class_names, f"the preset '{preset.name}'"
         dataset, id2label, label_set_source = _encode_labels(

@@ -6,12 +6,12 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 from torch import nn
 
 from ..errors import UserInputError
-from .common import sample_size, vae_scale_factor
+from .common import latent_scaling_factor, sample_size, vae_scale_factor
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {label}"
 
@@ -51,9 +51,16 @@ class ModelFamily:
     """A public diffusers pipeline seen as: frozen encoder + trainable denoiser/embedder + a per-example loss.
 
     Subclasses set ``name``, ``pipeline_class``, ``pipeline_class_names`` (model_index ``_class_name`` values they
-    load) and implement the methods below. ``denoiser`` is searched for attention blocks (of the classes
-    ``attention_block_classes``, None: ``trainable.BLOCK_CLASS_NAMES``); ``embedder`` (or None) is the conditioning
-    embedder trained beside them.
+    load), ``description`` and ``usage()``, and implement the methods below. ``denoiser`` is searched for attention
+    blocks (of the classes ``attention_block_classes``, None: ``trainable.BLOCK_CLASS_NAMES``); ``embedder`` (or None)
+    is the conditioning embedder trained beside them.
+
+    The order of use, in three steps:
+
+    1. :meth:`prepare` with the loaded private data set (reads what the family needs, e.g. captions, and adopts its
+       declared label set);
+    2. :meth:`encode` the private images (frozen encoders, once);
+    3. :meth:`loss_module` to train, then :meth:`export_pipeline` to save (it ends training on some families).
     """
 
     name: str = ""
@@ -64,12 +71,19 @@ class ModelFamily:
     attention_block_classes: tuple[str, ...] | None = None
     #: ``FamilyOptions`` fields this family understands.
     supported_options: frozenset[str] = frozenset()
-    #: What the privacy card says the model is.
-    description: str = "A class-conditional latent diffusion model"
+    #: What the privacy card says the model is (each family says it).
+    description: str
+    #: The pipeline component that holds the frozen autoencoder.
+    autoencoder_component: str = "vae"
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
         self.options = FamilyOptions()
+        self.vae = getattr(pipe, self.autoencoder_component)
+        self.vae.requires_grad_(False)
+        # Training noises with the DDPM forward process whatever sampler the pipeline ships (DDIM, ...).
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self._prepared = False
 
     @classmethod
     def from_pretrained(cls, path: str, *, options: FamilyOptions | None = None, **kwargs) -> ModelFamily:
@@ -135,13 +149,31 @@ class ModelFamily:
         return self
 
     # -- data and loss
+    def prepare(self, loaded) -> str | None:
+        """Step 1: see the loaded private data set (a ``dp_diffusers.data.LoadedDataset``): :meth:`prepare_data`, then
+        :meth:`adopt_labels` with its declared label set. Returns a line for the log (how private classes map onto
+        the model's), or None."""
+        self.prepare_data(loaded)
+        line = self.adopt_labels(loaded.id2label)
+        self._prepared = True
+        return line
+
     def prepare_data(self, loaded) -> None:
-        """See the loaded private data set (a ``dp_diffusers.data.LoadedDataset``) before :meth:`encode`, e.g. to
-        read a caption column; default: nothing to do."""
+        """Part of :meth:`prepare`: read what the family needs from the data set, e.g. a caption column; default:
+        nothing to do."""
 
     def adopt_labels(self, id2label: dict[int, str]) -> str | None:
-        """Use the private data's declared class names (and check its labels fit); may return a line for the log
-        saying how private classes map onto the model's. Default: nothing to do."""
+        """Part of :meth:`prepare`: use the private data's declared class names (and check they fit the model); may
+        return a line for the log. Default: nothing to do."""
+
+    def loss_schedule(self) -> dict:
+        """The noise schedule and latent scale every family's ``DiffusionLoss`` takes."""
+        return {
+            "num_train_timesteps": self.noise_scheduler.config.num_train_timesteps,
+            "alphas_cumprod": self.noise_scheduler.alphas_cumprod,
+            "scaling_factor": latent_scaling_factor(self.vae),
+            "prediction_type": self.noise_scheduler.config.prediction_type,
+        }
 
     def encode(self, dataset, *, rows=None, device="cpu", batch_size: int = 256, progress: bool = True):
         """The private set as a ``torch.utils.data.TensorDataset`` of per-example tensors (frozen encoders applied
@@ -161,7 +193,9 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- outputs
-    def pipeline(self) -> DiffusionPipeline:
+    def export_pipeline(self) -> DiffusionPipeline:
+        """The pipeline to save, with the trained weights in place (a family may end training here: DiT unties its
+        shared label table)."""
         return self.pipe
 
     def grid_rows(self) -> int:

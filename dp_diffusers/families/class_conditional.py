@@ -3,47 +3,28 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
 from torch import nn
 
 from ..errors import UserInputError
 from ..grids import pipeline_class_grid
 from ..pipelines import DPLDMPipeline
 from .base import ModelFamily
-from .common import DiffusionLoss, encode_images
+from .common import LabelConditionalLoss, encode_images
 
 
-class ClassConditionalLoss(DiffusionLoss):
-    """Per-row DDPM (epsilon-prediction) loss, shape ``[R]``.
+class ClassConditionalLoss(LabelConditionalLoss):
+    """Per-row DDPM loss of the UNet cross-attending to the class embedder's tokens, shape ``[R]``.
 
-    Each row draws its own latent sample, timestep, noise and label dropout (or takes them as arguments: tests
-    reproduce one row's loss alone); nothing mixes rows (the UNet's GroupNorms are per-sample), so each row's loss
-    depends on its own example only. With noise multiplicity K, the caller repeats each example K times and each copy
-    draws independently.
+    Nothing mixes rows (the UNet's GroupNorms are per-sample), so each row's loss depends on its own example only.
+    With noise multiplicity K, the caller repeats each example K times and each copy draws independently.
     """
 
-    def __init__(self, unet: nn.Module, embedder: nn.Module, *, cond_drop_prob: float = 0.0, **schedule):
-        super().__init__(**schedule)
+    def __init__(self, unet: nn.Module, embedder: nn.Module, **kwargs):
+        super().__init__(embedder, **kwargs)
         self.unet = unet
-        self.embedder = embedder
-        self.cond_drop_prob = cond_drop_prob
 
-    def forward(
-        self,
-        latent_mean: torch.Tensor,
-        latent_std: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        latent_noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        drop: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        z = self.latents(latent_mean, latent_std, latent_noise)
-        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
-        noisy, t, target = self.noised(z, timesteps, noise)
-        pred = self.unet(noisy, t, encoder_hidden_states=self.embedder(labels)).sample
-        return self.mse(pred, target)
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=self.embedder(labels)).sample
 
 
 class ClassConditionalLDM(ModelFamily):
@@ -52,12 +33,11 @@ class ClassConditionalLDM(ModelFamily):
     name = "class-conditional-ldm"
     pipeline_class = DPLDMPipeline
     pipeline_class_names = ("DPLDMPipeline",)
+    description = "A class-conditional latent diffusion model"
 
     def __init__(self, pipe: DPLDMPipeline):
         super().__init__(pipe)
-        self.vae, self.unet = pipe.vae, pipe.unet
-        self.vae.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.unet = pipe.unet
 
     @property
     def denoiser(self) -> nn.Module:
@@ -120,14 +100,7 @@ class ClassConditionalLDM(ModelFamily):
         return torch.utils.data.TensorDataset(mean, std, labels)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> ClassConditionalLoss:
-        return ClassConditionalLoss(
-            self.unet,
-            self.embedder,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
-            scaling_factor=float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0),
-            cond_drop_prob=cond_drop_prob,
-        )
+        return ClassConditionalLoss(self.unet, self.embedder, cond_drop_prob=cond_drop_prob, **self.loss_schedule())
 
     def grid_rows(self) -> int:
         return len(self.embedder.id2label)

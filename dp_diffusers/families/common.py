@@ -13,6 +13,11 @@ def vae_scale_factor(vae: nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def latent_scaling_factor(vae: nn.Module) -> float:
+    """The factor latents are multiplied by before diffusion (``vae.config.scaling_factor``; 1 when absent)."""
+    return float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+
+
 def sample_size(config) -> int:
     size = config.sample_size
     return int(size if isinstance(size, int) else size[0])
@@ -107,6 +112,37 @@ class DiffusionLoss(nn.Module):
     @staticmethod
     def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class LabelConditionalLoss(DiffusionLoss):
+    """Per-row loss of a denoiser conditioned on a class label through a trained ``embedder`` with a null class
+    (label dropout for classifier-free guidance), shape ``[R]``. Each row draws its own latent sample, timestep,
+    noise and label dropout (or takes them as arguments: tests reproduce one row's loss alone); a family says how
+    its denoiser predicts in :meth:`predict`."""
+
+    def __init__(self, embedder: nn.Module, *, cond_drop_prob: float = 0.0, **schedule):
+        super().__init__(**schedule)
+        self.embedder = embedder
+        self.cond_drop_prob = cond_drop_prob
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        latent_mean: torch.Tensor,
+        latent_std: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        latent_noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        z = self.latents(latent_mean, latent_std, latent_noise)
+        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
+        noisy, t, target = self.noised(z, timesteps, noise)
+        return self.mse(self.predict(noisy, t, labels), target)
 
 
 def plain_grid(images, *, cols: int):

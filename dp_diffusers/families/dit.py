@@ -30,12 +30,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import DDPMScheduler, DiTPipeline
+from diffusers import DiTPipeline
 from torch import nn
 
 from ..errors import UserInputError
 from .base import ModelFamily
-from .common import DiffusionLoss, encode_images, plain_grid
+from .common import LabelConditionalLoss, encode_images, plain_grid
 
 logger = logging.getLogger(__name__)
 
@@ -81,37 +81,21 @@ class _TiedLabelEmbedding(nn.Module):
         return self._table(labels)
 
 
-class DiTLoss(DiffusionLoss):
+class DiTLoss(LabelConditionalLoss):
     """Per-row epsilon loss of a DiT, shape ``[R]``: the learned-variance half of the output is ignored."""
 
-    def __init__(self, transformer: nn.Module, embedder: DiTLabelTable, *, cond_drop_prob: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, transformer: nn.Module, embedder: DiTLabelTable, **kwargs):
+        super().__init__(embedder, **kwargs)  # registered here: the loss module owns the trained table
         self.transformer = transformer
-        self.embedder = embedder  # registered here: the loss module owns the trained table
-        self.cond_drop_prob = cond_drop_prob
 
-    def forward(
-        self,
-        latent_mean: torch.Tensor,
-        latent_std: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        latent_noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        drop: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        z = self.latents(latent_mean, latent_std, latent_noise)
-        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
-        noisy, t, target = self.noised(z, timesteps, noise)
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.embedder.precomputed = self.embedder(labels)  # once; every block (and the final layer) reuses it
         try:
-            pred = self.transformer(noisy, timestep=t, class_labels=labels).sample
+            pred = self.transformer(noisy, timestep=timesteps, class_labels=labels).sample
         finally:
             self.embedder.precomputed = None
-        if pred.shape[1] == 2 * z.shape[1]:  # learn_sigma: [epsilon, variance]
-            pred = pred[:, : z.shape[1]]
-        return self.mse(pred, target)
+        channels = noisy.shape[1]
+        return pred[:, :channels] if pred.shape[1] == 2 * channels else pred  # learn_sigma: [epsilon, variance]
 
 
 class DiTFamily(ModelFamily):
@@ -129,9 +113,7 @@ class DiTFamily(ModelFamily):
 
     def __init__(self, pipe: DiTPipeline):
         super().__init__(pipe)
-        self.vae, self.transformer = pipe.vae, pipe.transformer
-        self.vae.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.transformer = pipe.transformer
         self._embeddings = [block.norm1.emb for block in self.transformer.transformer_blocks]
         self._originals = [emb.class_embedder for emb in self._embeddings]
         self._table: DiTLabelTable | None = None
@@ -240,18 +222,10 @@ class DiTFamily(ModelFamily):
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> DiTLoss:
         if self._table is None:
             raise RuntimeError("adopt_labels() builds the label table: call it before loss_module().")
-        return DiTLoss(
-            self.transformer,
-            self._table,
-            cond_drop_prob=cond_drop_prob,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
-            scaling_factor=float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0),
-            prediction_type=self.noise_scheduler.config.prediction_type,
-        )
+        return DiTLoss(self.transformer, self._table, cond_drop_prob=cond_drop_prob, **self.loss_schedule())
 
     # -- outputs
-    def pipeline(self) -> DiTPipeline:
+    def export_pipeline(self) -> DiTPipeline:
         """The stock ``DiTPipeline`` with the trained rows written back (ends training: the proxies are removed)."""
         self._untie()
         return self.pipe

@@ -16,7 +16,7 @@ guarantee covers image and caption together. Conditioning dropout replaces a row
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from ..errors import UserInputError
@@ -74,11 +74,9 @@ class TextConditionalLDM(ModelFamily):
 
     def __init__(self, pipe: StableDiffusionPipeline):
         super().__init__(pipe)
-        self.vae, self.unet = pipe.vae, pipe.unet
+        self.unet = pipe.unet
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
-        self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self._prompts: list[str] | None = None
         self._id2label: dict[int, str] = {}
         self._embedder: nn.Module | None = None
@@ -178,10 +176,7 @@ class TextConditionalLDM(ModelFamily):
             self.text_encoder,
             self.tokenize([""])[0],
             cond_drop_prob=cond_drop_prob,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
-            scaling_factor=float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0),
-            prediction_type=self.noise_scheduler.config.prediction_type,
+            **self.loss_schedule(),
         )
 
     # -- outputs

@@ -8,7 +8,7 @@ unconditional CelebA setting (CompVis ``AttentionBlock``). Labels of the private
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, LDMPipeline
+from diffusers import LDMPipeline
 from torch import nn
 
 from .base import ModelFamily
@@ -45,11 +45,11 @@ class UnconditionalLDM(ModelFamily):
     needs_labels = False
     description = "An unconditional latent diffusion model"
 
+    autoencoder_component = "vqvae"
+
     def __init__(self, pipe: LDMPipeline):
         super().__init__(pipe)
-        self.vae, self.unet = pipe.vqvae, pipe.unet
-        self.vae.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.unet = pipe.unet
 
     @property
     def denoiser(self) -> nn.Module:
@@ -62,13 +62,7 @@ class UnconditionalLDM(ModelFamily):
         return torch.utils.data.TensorDataset(*latents)
 
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> UnconditionalLoss:
-        return UnconditionalLoss(
-            self.unet,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
-            scaling_factor=float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0),
-            prediction_type=self.noise_scheduler.config.prediction_type,
-        )
+        return UnconditionalLoss(self.unet, **self.loss_schedule())
 
     def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
         """A plain grid (no classes): one row of ``per_class`` samples."""
