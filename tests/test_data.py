@@ -240,7 +240,7 @@ def test_load_mnist_folder_and_file():
         load_image_dataset(str(MNIST_DIR), split="validation")
     with pytest.raises(UserInputError) as info:
         load_image_dataset(str(MNIST_DIR / "test.parquet"), image_column="img")
-    assert "'img'" in str(info.value) and "--image_column" in str(info.value) and "image, label" in str(info.value)
+    assert "'img'" in str(info.value) and "`image_column`" in str(info.value) and "image, label" in str(info.value)
 
 
 def _write_plain_parquet(path: Path, n: int, *, offset: int = 0) -> None:
@@ -278,7 +278,7 @@ def test_load_local_parquet(tmp_path):
 
     with pytest.raises(UserInputError) as info:
         load_image_dataset(str(tmp_path / "a.parquet"), image_column="picture", label_column="label")
-    assert "'label'" in str(info.value) and "--label_column" in str(info.value)
+    assert "'label'" in str(info.value) and "`label_column`" in str(info.value)
     with pytest.raises(UserInputError, match="`image_column`"):  # no image-like column to guess
         load_image_dataset(str(tmp_path / "a.parquet"))
     with pytest.raises(UserInputError, match="not class labels"):

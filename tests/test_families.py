@@ -143,7 +143,7 @@ def assert_privacy_and_card(out: Path, base: Path, family: str, usage: str) -> d
     assert 0 < privacy["epsilon"] <= 50 and privacy["noise_multiplier"] == 1.0
     assert privacy["base_model"] == str(base)
     assert privacy["base_model_pretraining_data"]
-    assert privacy["trained_parameters_kind"].startswith("full attention weights")
+    assert privacy["trained_parameters_kind"].startswith("full weights of the attention blocks")
     assert 0 < privacy["trainable_parameters"] < privacy["total_parameters"]
     card = ModelCard.load(out / "README.md")
     text = " ".join(card.text.split())

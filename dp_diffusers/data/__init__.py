@@ -1,17 +1,10 @@
 """Image data: the embedded private digits, the generated public printed digits, and loaders for any image set."""
 
-from .loading import (
-    PRESETS,
-    DatasetPreset,
-    ImageLabelDataset,
-    LoadedDataset,
-    as_torch_dataset,
-    image_transform,
-    load_image_dataset,
-    parse_class_names,
-)
+from .images import ImageLabelDataset, as_torch_dataset, image_transform
+from .loading import LoadedDataset, load_image_dataset, parse_class_names
 from .printed_digits import PRINTED_DIGITS_FONTS, make_printed_digits, render_digit
 from .sklearn_digits import load_sklearn_digits
+from .sources import PRESETS, DatasetPreset
 
 __all__ = [
     "PRESETS",

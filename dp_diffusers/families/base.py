@@ -185,7 +185,7 @@ class ModelFamily:
         weights (keys the private latent cache, ``dp_diffusers.data.latent_cache``)."""
         from ..data.latent_cache import module_fingerprint
 
-        return {"family": self.name, "vae": module_fingerprint(self.pipe.vae)}
+        return {"family": self.name, "vae": module_fingerprint(self.vae)}
 
     def loss_module(self, **kwargs) -> nn.Module:
         """An ``nn.Module`` whose ``forward(*rows)`` takes the encoded tensors of R rows and returns a ``[R]`` loss,
