@@ -13,6 +13,7 @@ import torch
 
 from dp_diffusers import UserInputError
 from dp_diffusers.evaluation import (
+    class_grid,
     compute_stats,
     downstream_accuracy,
     fd_classifier,
@@ -21,7 +22,6 @@ from dp_diffusers.evaluation import (
     inception_fid,
     load_labelled_images,
     load_npz,
-    make_grid,
     save_npz,
     write_report,
 )
@@ -186,11 +186,13 @@ def test_npz_round_trip_and_bad_files(tmp_path):
             load_npz(path)
 
 
-def test_make_grid_layout():
-    x, _ = toy_images(5)
-    grid = make_grid(x, nrow=3, padding=2)
-    assert grid.size == (3 * 30 + 2, 2 * 30 + 2) and grid.mode == "L"
-    assert make_grid(np.repeat(x, 3, axis=-1), nrow=5).mode == "RGB"
+def test_class_grid_layout():
+    x, y = toy_images(5)
+    y = np.array([0, 0, 1, 1, 1])
+    grid = class_grid(x, y, per_class=3)  # one row per class, blank tiles where a class has fewer
+    assert grid.size == (3 * x.shape[2], 2 * x.shape[1])  # diffusers.utils.make_image_grid: no padding
+    assert np.asarray(grid)[: x.shape[1], 2 * x.shape[2] :].max() == 0  # class 0's third tile is blank
+    assert class_grid(np.repeat(x, 3, axis=-1), y, per_class=2).mode == "RGB"
 
 
 # ------------------------------------------------------------------------------------------ resumable sampling
@@ -247,7 +249,7 @@ def test_generation_uses_pipeline_classes_by_default(tiny_pipe, tmp_path, one_th
 # ------------------------------------------------------------------------------------------ report and CLI
 def test_report_lists_metrics_and_privacy(tmp_path):
     grid = tmp_path / "g.png"
-    make_grid(toy_images(4)[0], nrow=2).save(grid)
+    class_grid(*toy_images(4), per_class=2).save(grid)
     metrics = {
         "accuracy_mean": 97.5,
         "accuracy_std": 0.2,

@@ -19,7 +19,7 @@ from .fid import (
 )
 from .real_data import load_labelled_images
 from .report import write_report
-from .samples import class_grid, generate_samples, load_npz, make_grid, save_npz
+from .samples import class_grid, generate_samples, load_npz, save_npz
 
 __all__ = [
     "CLASSIFIERS",
@@ -37,7 +37,6 @@ __all__ = [
     "load_labelled_images",
     "load_npz",
     "load_stats",
-    "make_grid",
     "save_npz",
     "save_stats",
     "train_classifier",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -132,31 +133,6 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def make_grid(images: np.ndarray, nrow: int, *, padding: int = 2, pad_value: int = 255) -> Image.Image:
-    """Tiles ``uint8`` images ``[N, H, W, C]`` (or ``[N, H, W]``) into a PIL image, ``nrow`` images per row.
-
-    Same layout as ``torchvision.utils.make_grid`` (row-major, ``padding`` pixels around every tile), without it.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise UserInputError(f"make_grid expects uint8 images, got {images.dtype}.")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
-        raise UserInputError(f"make_grid expects images [N, H, W, C] with C = 1 or 3, got {tuple(images.shape)}.")
-    if nrow < 1:
-        raise UserInputError(f"nrow must be >= 1, got {nrow}.")
-    n, h, w, c = images.shape
-    ncol = min(nrow, n)
-    rows = math.ceil(n / ncol)
-    grid = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[top : top + h, left : left + w] = img
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
 def class_grid(x: np.ndarray, y: np.ndarray, *, per_class: int = 10, classes: Sequence[int] | None = None):
     """One row per class with the first ``per_class`` images of that class (blank tiles where a class has fewer)."""
     x, y = validate_images(x, y)
@@ -167,7 +143,9 @@ def class_grid(x: np.ndarray, y: np.ndarray, *, per_class: int = 10, classes: Se
         idx = np.flatnonzero(y == c)[:per_class]
         tiles.extend(x[idx])
         tiles.extend([blank] * (per_class - len(idx)))
-    return make_grid(np.stack(tiles), nrow=per_class)
+    # diffusers' grid, as for pipeline samples (grids.pipeline_class_grid)
+    images = [Image.fromarray(t[..., 0] if t.ndim == 3 and t.shape[-1] == 1 else t) for t in tiles]
+    return make_image_grid(images, rows=len(classes), cols=per_class)
 
 
 def grid_path_for(output_path: str | os.PathLike) -> str:
