@@ -436,6 +436,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         p.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one of them.")
+    try:
+        _trainable_config(args)  # conflicting choices of what trains: refused before any work
+    except UserInputError as e:
+        p.error(cli_message(e, parser_flags(p, **RENAMED_PARAMETERS)))
     return args
 
 

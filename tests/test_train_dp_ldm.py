@@ -515,6 +515,11 @@ BAD_INPUT = {
         ["fewer than the logical batch", "--train_batch_size", "at most 1797"],
     ),
     "unknown_preset": (["--dataset_name", "no_such_preset"], ["unknown dataset 'no_such_preset'"]),
+    "target_modules_and_scope": (
+        ["--target_modules", "to_q", "--trainable_scope", "full"],
+        ["--target_modules chooses the modules by itself", "--trainable_scope would be ignored"],
+    ),
+    "rank_without_lora": (["--rank", "8"], ["--rank and --lora_alpha apply to LoRA adapters only", "--use_lora"]),
     "missing_label_column": (["--label_column", "nope"], ["no column 'nope'", "--label_column"]),
     "parquet_without_labels": (["--dataset_name", "{no_label}"], ["has no labels", "one subfolder per class"]),
     "parquet_without_labels_named": (
@@ -532,7 +537,7 @@ BAD_INPUT = {
             "--max_physical_batch_size",
             "8",
         ],  # fmt: skip
-        ["Labels span 0..11", "10 classes"],
+        ["The private data has 12 classes but the base model's embedder has 10"],
     ),
     "weights_diverge": (["--learning_rate", "1e37"], ["Step 2", "NaN or inf", "--learning_rate"]),
     "ghost_under_bf16": (["--grad_sample_mode", "ghost", "--mixed_precision", "bf16"], ["clip bound", "bookkeeping"]),
