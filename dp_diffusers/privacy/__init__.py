@@ -3,6 +3,8 @@
 This package knows nothing about diffusion: the training script supplies a per-row loss.
 """
 
+# First: refuses an Opacus outside the tested range before any module reaches into Opacus' private fields.
+from . import opacus_internals  # noqa: F401
 from .accounting import (
     ACCOUNTANTS,
     EpsilonBudget,

@@ -94,3 +94,17 @@ def noise_source_description(kind: str) -> str:
         SEEDED: "noise reproducible from the seed: NOT a valid DP release",
         CALLER: "a generator supplied by the caller (not certified by dp-diffusers)",
     }[kind]
+
+
+def randomness_report(*, noise: str | None, sampling: str | None) -> dict:
+    """Where the noise and the Poisson masks came from (kinds, never seeds or states), and whether that makes a
+    valid DP release: only when both were secret."""
+    valid = noise in (OS_ENTROPY, CSPRNG) and sampling in (OS_ENTROPY, CSPRNG)
+    return {
+        "noise": noise,
+        "sampling": sampling,
+        "noise_source": None if noise is None else noise_source_description(noise),
+        "sampling_source": None if sampling is None else noise_source_description(sampling),
+        "gaussian_sampling": "Opacus secure_mode (sum of 4 Gaussians, against floating-point attacks)",
+        "valid_dp_release": valid,
+    }
