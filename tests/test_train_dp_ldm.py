@@ -451,7 +451,8 @@ def test_resume_with_another_noise_multiplier_is_refused_by_the_process(run_a, b
     )
     assert_one_line_error(proc.returncode, proc.stderr, "noise_multiplier", "--noise_multiplier")
     assert not (out / "model_index.json").exists()
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoint-2"]
+    # The private latents were cached (reused by the corrected run); no model, no other output.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoint-2", "latent_cache"]
 
 
 def test_resume_with_another_batch_size_is_refused(run_a, base_model, tmp_path, capsys):
@@ -625,13 +626,13 @@ def test_every_flag_has_help_and_shows_its_default_once(script):
         assert not (appended and "default" in action.help.lower()), action.dest  # never two defaults
         assert not (appended and action.default is None), action.dest  # never "(default: None)"
     flags = {s for a in parser._actions for s in a.option_strings}
-    diffusers_flags = {"--center_crop", "--random_flip"}  # not yet: they need per-step augmentation of latents
-    wanted = ["--resolution", "--max_train_samples", "--dataloader_num_workers", "--revision", "--variant"]
-    wanted += ["--cache_dir", "--rank", "--lora_rank", "--use_ema", "--validation_epochs", "--tracker_project_name"]
+    wanted = ["--resolution", "--center_crop", "--random_flip", "--max_train_samples", "--dataloader_num_workers"]
+    wanted += ["--revision", "--variant", "--cache_dir", "--rank", "--lora_rank", "--use_ema", "--validation_epochs"]
+    wanted += ["--tracker_project_name"]
     for flag in wanted:
-        assert flag in flags and flag not in diffusers_flags
-    args = script.parse_args(["--rank", "8"])
-    assert args.lora_rank == 8 and script.parse_args(["--lora_rank", "2"]).lora_rank == 2
+        assert flag in flags, flag
+    args = script.parse_args(["--use_lora", "--rank", "8"])
+    assert args.lora_rank == 8 and script.parse_args(["--use_lora", "--lora_rank", "2"]).lora_rank == 2
 
 
 def test_a_preset_base_missing_offline_fails_fast_with_the_way_out(tmp_path, capsys):
