@@ -763,7 +763,8 @@ RELEASE_FILES = (
 def _encode_private(args, family, loaded, accelerator, output_dir: Path):
     """The private set encoded by the frozen encoders, through the latent cache (dp_diffusers/data/latent_cache.py):
     each process encodes its block of rows, then all read the whole cache, memory-mapped. Returns it and the cache
-    folder."""
+    root. The key (a hash that changes when one private example does) never reaches a log, the card or privacy.json:
+    only the root folder is named."""
     root = Path(args.latent_cache_dir) if args.latent_cache_dir else output_dir / "latent_cache"
     key = cache_key(
         # datasets' fingerprint of the loaded (and selected / filtered) data: changes with its files and any
@@ -779,8 +780,8 @@ def _encode_private(args, family, loaded, accelerator, output_dir: Path):
     )
     cache = LatentCache(root, key)
     if cache.complete:
-        logger.info(f"Private latents: reusing the cache {cache.path}")
-        return cache.load(), cache.path
+        logger.info(f"Private latents: reusing the cache in {root}")
+        return cache.load(), root
     images = as_torch_dataset(
         loaded,
         resolution=family.resolution,
@@ -812,8 +813,8 @@ def _encode_private(args, family, loaded, accelerator, output_dir: Path):
     if accelerator.is_main_process:
         cache.finish(num_rows=len(images), world_size=world, flip=args.random_flip, description={"world_size": world})
     accelerator.wait_for_everyone()
-    logger.info(f"Private latents cached in {cache.path} (private data: never uploaded; delete it when done)")
-    return cache.load(), cache.path
+    logger.info(f"Private latents cached in {root} (private data: never uploaded; delete it when done)")
+    return cache.load(), root
 
 
 def _where(path: Path, output_dir: Path) -> str:

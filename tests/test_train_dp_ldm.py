@@ -701,7 +701,16 @@ def test_a_second_run_reuses_the_latent_cache_without_encoding(script, run_a, ba
     argv = cli(base_model, out, "--max_train_steps", "1", "--checkpointing_steps", "0")
     with capture_output() as buf:
         script.main(script.parse_args([*argv, "--latent_cache_dir", str(cache_dir)]))
-    assert f"reusing the cache {next(iter(shards)).parent}" in buf.getvalue()
+    assert f"reusing the cache in {cache_dir}" in buf.getvalue()
+    # The cache's key is a hash that changes when one private example does: no log or output outside the cache
+    # may show it (the card and privacy.json name the cache's root folder only).
+    key = next(iter(shards)).parent.name
+    assert key not in buf.getvalue() and key not in run_a[1]
+    for folder in (out, out_a):
+        shown = [
+            n for n, data in files_under(folder).items() if not n.startswith("latent_cache/") and key.encode() in data
+        ]
+        assert shown == [], shown
     assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.arrow")} == shards
     assert not (out / "latent_cache").exists() and privacy_of(out)["steps"] == 1
     assert "--latent_cache_dir" in (out / "README.md").read_text()
