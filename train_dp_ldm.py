@@ -811,7 +811,7 @@ def _encode_private(args, family, loaded, accelerator, output_dir: Path):
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        cache.finish(num_rows=len(images), world_size=world, flip=args.random_flip, description={"world_size": world})
+        cache.finish(num_rows=len(images), world_size=world, flip=args.random_flip)
     accelerator.wait_for_everyone()
     logger.info(f"Private latents cached in {root} (private data: never uploaded; delete it when done)")
     return cache.load(), root

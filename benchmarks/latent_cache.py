@@ -87,7 +87,7 @@ def one_size(n: int, mode: str) -> dict:
             cache.encode_shard(
                 lambda rows, _: family.encode(images, rows=rows, progress=False), num_rows=n, progress=False
             )
-            cache.finish(num_rows=n, world_size=1, flip=False, description={})
+            cache.finish(num_rows=n, world_size=1, flip=False)
             size_mib = sum(p.stat().st_size for p in cache.path.glob("*.arrow")) / 2**20
             data = cache.load()
         else:

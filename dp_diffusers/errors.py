@@ -16,6 +16,7 @@ class UserInputError(ValueError):
 def parser_flags(parser, **renamed: str) -> dict[str, str]:
     """How an ``argparse`` parser spells each parameter: every option's ``dest`` -> its first flag, plus ``renamed``
     (library parameter -> flag) for parameters whose flag has another name (``target_epsilon="--epsilon"``)."""
+    # argparse has no public list of a parser's actions; ``_actions`` is what its own help formatter reads.
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     return {**flags, **renamed}
 

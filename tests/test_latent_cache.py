@@ -41,7 +41,7 @@ def build(tmp_path, *, world_size=1, flip=False, key="k"):
         cache.encode_shard(
             recorders[-1], num_rows=N, rank=rank, world_size=world_size, flip=flip, batch_size=4, progress=False
         )
-    cache.finish(num_rows=N, world_size=world_size, flip=flip, description={})
+    cache.finish(num_rows=N, world_size=world_size, flip=flip)
     return cache, recorders
 
 
@@ -79,12 +79,12 @@ def test_a_complete_cache_is_reused_and_an_interrupted_one_keeps_its_finished_sh
     partial.encode_shard(Recorder(), num_rows=N, rank=0, world_size=2, progress=False)
     assert not partial.complete
     with pytest.raises(RuntimeError, match="not written"):
-        partial.finish(num_rows=N, world_size=2, flip=False, description={})
+        partial.finish(num_rows=N, world_size=2, flip=False)
     rerun = Recorder()
     partial.encode_shard(rerun, num_rows=N, rank=0, world_size=2, progress=False)
     assert rerun.calls == []  # rank 0's finished shard is not encoded again
     partial.encode_shard(rerun, num_rows=N, rank=1, world_size=2, progress=False)
-    partial.finish(num_rows=N, world_size=2, flip=False, description={})
+    partial.finish(num_rows=N, world_size=2, flip=False)
     assert torch.equal(partial.load().tensors[0], IMAGES)
 
 

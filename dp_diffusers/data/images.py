@@ -151,38 +151,26 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        if self._pixels is not None:
-            pixels, label = _uint8_to_float(self._pixels[index]), self._labels[index].clone()
-        else:
-            row = self.dataset[index]
-            pixels = _uint8_to_float(self._pixels_of(row[self.image_column], index))
-            label = torch.tensor(row[self.label_column] if self.label_column is not None else -1, dtype=torch.long)
-        return {"pixel_values": pixels.flip(-1) if self.flip else pixels, "labels": label}
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
         """A batch of rows with one read of the underlying table (torch's DataLoader calls this when present)."""
-        if self._pixels is not None:
-            return [self[i] for i in indices]
         indices = [int(i) + (len(self) if int(i) < 0 else 0) for i in indices]
-        if any(not 0 <= i < len(self) for i in indices):
-            raise IndexError(f"index out of range for {len(self)} items")
-        batch = self.dataset[indices] if indices else {self.image_column: []}
-        labels = batch[self.label_column] if self.label_column is not None else [-1] * len(indices)
-        items = []
-        for index, image, label in zip(indices, batch[self.image_column], labels, strict=True):
-            pixels = _uint8_to_float(self._pixels_of(image, index))
-            items.append(
-                {
-                    "pixel_values": pixels.flip(-1) if self.flip else pixels,
-                    "labels": torch.tensor(label, dtype=torch.long),
-                }
-            )
-        return items
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"index {bad[0]} out of range for {len(self)} items")
+        if self._pixels is not None:
+            pixels = [_uint8_to_float(self._pixels[i]) for i in indices]
+            labels = [self._labels[i].clone() for i in indices]
+        else:
+            batch = self.dataset[indices] if indices else {self.image_column: []}
+            raw = batch[self.label_column] if self.label_column is not None else [-1] * len(indices)
+            images = batch[self.image_column]
+            pixels = [_uint8_to_float(self._pixels_of(im, i)) for i, im in zip(indices, images, strict=True)]
+            labels = [torch.tensor(label, dtype=torch.long) for label in raw]
+        return [
+            {"pixel_values": x.flip(-1) if self.flip else x, "labels": y} for x, y in zip(pixels, labels, strict=True)
+        ]
 
     def _pixels_of(self, image: Image.Image, index: int) -> np.ndarray:
         crop_at = 0.5 if self.center_crop else float(np.random.default_rng([self.crop_seed, index]).random())

@@ -104,12 +104,13 @@ class LatentCache:
         if target.is_file() or not len(rows):
             return rows
         self.path.mkdir(parents=True, exist_ok=True)
-        first = encode([rows[0]], False).tensors
-        names = [f"t{i}" for i in range(len(first))]
-        names += [f"flipped_t{i}" for i in range(len(first))] if flip else []
-        features = _features(list(first) * (2 if flip else 1), names)
+        first = list(encode([rows[0]], False).tensors) * (2 if flip else 1)  # the columns' dtypes and shapes
+        names = [f"t{i}" for i in range(len(first) // (2 if flip else 1))]
+        names += [f"flipped_{name}" for name in names] if flip else []
+        features = _features(first, names)
+        # Columns are stored flat (zero-copy reads); their per-example shapes go to the manifest (finish()).
         (self.path / f".shapes-{rank:05d}.json").write_text(
-            json.dumps({name: list(t.shape[1:]) for name, t in zip(names, list(first) * 2, strict=False)})
+            json.dumps({name: list(t.shape[1:]) for name, t in zip(names, first, strict=True)})
         )
 
         def encode_batch(batch: dict) -> dict:
@@ -139,7 +140,7 @@ class LatentCache:
             )
         return rows
 
-    def finish(self, *, num_rows: int, world_size: int, flip: bool, description: dict) -> None:
+    def finish(self, *, num_rows: int, world_size: int, flip: bool) -> None:
         """Mark the cache complete once every rank's shard is written (the main process, after a barrier)."""
         ranks = [r for r in range(world_size) if len(shard_rows(num_rows, rank=r, world_size=world_size))]
         shards = [self.shard_file(r, world_size) for r in ranks]
@@ -148,7 +149,6 @@ class LatentCache:
             raise RuntimeError(f"latent cache {self.path}: shards {missing} were not written")
         shapes = json.loads((self.path / f".shapes-{ranks[0]:05d}.json").read_text())
         manifest = {"shards": [s.name for s in shards], "rows": num_rows, "flip": flip, "shapes": shapes}
-        manifest["key"] = description
         tmp = self.path / f".{_MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         os.replace(tmp, self.path / _MANIFEST)

@@ -83,7 +83,6 @@ class ModelFamily:
         self.vae.requires_grad_(False)
         # Training noises with the DDPM forward process whatever sampler the pipeline ships (DDIM, ...).
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self._prepared = False
 
     @classmethod
     def from_pretrained(cls, path: str, *, options: FamilyOptions | None = None, **kwargs) -> ModelFamily:
@@ -154,9 +153,7 @@ class ModelFamily:
         :meth:`adopt_labels` with its declared label set. Returns a line for the log (how private classes map onto
         the model's), or None."""
         self.prepare_data(loaded)
-        line = self.adopt_labels(loaded.id2label)
-        self._prepared = True
-        return line
+        return self.adopt_labels(loaded.id2label)
 
     def prepare_data(self, loaded) -> None:
         """Part of :meth:`prepare`: read what the family needs from the data set, e.g. a caption column; default:

@@ -114,25 +114,27 @@ class DiffusionLoss(nn.Module):
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-class LabelConditionalLoss(DiffusionLoss):
-    """Per-row loss of a denoiser conditioned on a class label through a trained ``embedder`` with a null class
-    (label dropout for classifier-free guidance), shape ``[R]``. Each row draws its own latent sample, timestep,
-    noise and label dropout (or takes them as arguments: tests reproduce one row's loss alone); a family says how
-    its denoiser predicts in :meth:`predict`."""
+class ConditionalLoss(DiffusionLoss):
+    """Per-row loss of a conditioned denoiser, shape ``[R]``, with per-row condition dropout (classifier-free
+    guidance training). Each row draws its own latent sample, condition dropout, timestep and noise (or takes them as
+    arguments: tests reproduce one row's loss alone). A family says how a dropped condition looks
+    (:meth:`drop_condition`) and how its denoiser predicts (:meth:`predict`)."""
 
-    def __init__(self, embedder: nn.Module, *, cond_drop_prob: float = 0.0, **schedule):
+    def __init__(self, *, cond_drop_prob: float = 0.0, **schedule):
         super().__init__(**schedule)
-        self.embedder = embedder
         self.cond_drop_prob = cond_drop_prob
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def drop_condition(self, condition: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
         self,
         latent_mean: torch.Tensor,
         latent_std: torch.Tensor,
-        labels: torch.Tensor,
+        condition: torch.Tensor,
         *,
         latent_noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
@@ -140,9 +142,21 @@ class LabelConditionalLoss(DiffusionLoss):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         z = self.latents(latent_mean, latent_std, latent_noise)
-        labels = self.drop_labels(labels, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
+        condition = self.drop_condition(condition, drop)
         noisy, t, target = self.noised(z, timesteps, noise)
-        return self.mse(self.predict(noisy, t, labels), target)
+        return self.mse(self.predict(noisy, t, condition), target)
+
+
+class LabelConditionalLoss(ConditionalLoss):
+    """A :class:`ConditionalLoss` on class labels through a trained ``embedder`` whose null class stands for a
+    dropped label."""
+
+    def __init__(self, embedder: nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.embedder = embedder
+
+    def drop_condition(self, condition: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        return self.drop_labels(condition, prob=self.cond_drop_prob, null_id=self.embedder.null_class_id, drop=drop)
 
 
 def plain_grid(images, *, cols: int):

@@ -21,45 +21,28 @@ from torch import nn
 
 from ..errors import UserInputError
 from .base import DEFAULT_PROMPT_TEMPLATE, ModelFamily
-from .common import DiffusionLoss, encode_images, plain_grid
+from .common import ConditionalLoss, encode_images, plain_grid
 
 
-class TextConditionalLoss(DiffusionLoss):
-    """Per-row loss of a text-conditional UNet, shape ``[R]``; each row is encoded by the text encoder itself."""
+class TextConditionalLoss(ConditionalLoss):
+    """Per-row loss of a text-conditional UNet, shape ``[R]``; each row's token ids are encoded by the text encoder
+    itself, and a dropped prompt is the empty prompt."""
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        text_encoder: nn.Module,
-        empty_ids: torch.Tensor,
-        *,
-        cond_drop_prob: float = 0.0,
-        **kwargs,
-    ):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, empty_ids: torch.Tensor, **kwargs):
         super().__init__(**kwargs)
         self.unet = unet
         self.text_encoder = text_encoder
-        self.cond_drop_prob = cond_drop_prob
         self.register_buffer("empty_ids", empty_ids.long().view(1, -1), persistent=False)
 
-    def forward(
-        self,
-        latent_mean: torch.Tensor,
-        latent_std: torch.Tensor,
-        input_ids: torch.Tensor,
-        *,
-        latent_noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        drop: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        z = self.latents(latent_mean, latent_std, latent_noise)
-        dropped = self.dropped(z.shape[0], self.cond_drop_prob, input_ids.device, drop)
-        if dropped is not None:
-            input_ids = torch.where(dropped[:, None], self.empty_ids.to(input_ids.device), input_ids)
-        hidden = self.text_encoder(input_ids)[0]
-        noisy, t, target = self.noised(z, timesteps, noise)
-        return self.mse(self.unet(noisy, t, encoder_hidden_states=hidden).sample, target)
+    def drop_condition(self, condition: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        dropped = self.dropped(condition.shape[0], self.cond_drop_prob, condition.device, drop)
+        if dropped is None:
+            return condition
+        return torch.where(dropped[:, None], self.empty_ids.to(condition.device), condition)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(condition)[0]
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
 
 
 class TextConditionalLDM(ModelFamily):
