@@ -2,8 +2,9 @@
 """How close a pipeline's samples are to the embedded private digits (scikit-learn's), compared with another.
 
     python benchmarks/embedded_default.py dp_diffusers/assets/public-printed-digits dp-ldm-output
+    python benchmarks/embedded_default.py dp-ldm-output --guidance_scale 1 2 3   # one reading per scale
 
-For each pipeline: 50 samples per class (DDIM 50 steps, eta 1, seed 0), then
+For each pipeline (and guidance scale): 50 samples per class (DDIM 50 steps, eta 1, seed 0), then
   - private_classifier_accuracy: an RBF-SVM trained on the 1,797 private digits labels the samples; the share
     labelled with their own class (class-conditional fidelity in the private style);
   - fd_pixels_pca: Fréchet distance to the private digits in the 32-d PCA space of the private digits' pixels
@@ -17,6 +18,7 @@ These read the private set, so they are for showing what the embedded demo does,
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -60,7 +62,7 @@ def as_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8).reshape(-1, 28, 28, 1)
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], guidance_scales: list[float]) -> None:
     x, y = private_digits()
     judge = mnist_judge()
     svm = SVC(C=10).fit(x, y)
@@ -76,21 +78,31 @@ def main(paths: list[str]) -> None:
     for path in paths:
         pipe = DPLDMPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(
-            class_labels=labels,
-            num_inference_steps=50,
-            eta=1.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images.reshape(len(labels), -1)
-        out[path] = {
-            "private_classifier_accuracy": float((svm.predict(images) == np.asarray(labels)).mean()),
-            "fd_pixels_pca": float(frechet_distance(*compute_stats(pca.transform(images)), *ref)),
-        }
-        if judge is not None:
-            out[path]["mnist_judge_correct"] = float((predict(judge, as_uint8(images)) == np.asarray(labels)).mean())
+        for scale in guidance_scales:
+            images = pipe(
+                class_labels=labels,
+                num_inference_steps=50,
+                eta=1.0,
+                guidance_scale=scale,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images.reshape(len(labels), -1)
+            key = path if guidance_scales == [1.0] else f"{path} (guidance_scale {scale:g})"
+            out[key] = {
+                "private_classifier_accuracy": float((svm.predict(images) == np.asarray(labels)).mean()),
+                "fd_pixels_pca": float(frechet_distance(*compute_stats(pca.transform(images)), *ref)),
+            }
+            if judge is not None:
+                correct = predict(judge, as_uint8(images)) == np.asarray(labels)
+                out[key]["mnist_judge_correct"] = float(correct.mean())
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipelines", nargs="+", help="DPLDMPipeline folders (or Hub ids).")
+    parser.add_argument(
+        "--guidance_scale", type=float, nargs="+", default=[1.0], help="Classifier-free guidance scales to read."
+    )
+    args = parser.parse_args()
+    main(args.pipelines, args.guidance_scale)

@@ -175,7 +175,9 @@ at most 1e-5){% endif %} |
 ```
 
 {% if grid %}## Samples
-![samples]({{ grid }}){% endif %}
+![samples]({{ grid }}){% if grid_note %}
+
+{{ grid_note }}{% endif %}{% endif %}
 """
 
 
@@ -189,6 +191,7 @@ def private_model_card(
     tuning: str = "not tuned on the private data by this run (defaults or user-supplied values); settings chosen by "
     "looking at the private data, or at results on it, are not covered.",
     grid: str | None = None,
+    grid_note: str | None = None,
     datasets: list[str] | None = None,
     description: str = "A class-conditional latent diffusion model",
     usage: str | None = None,
@@ -253,6 +256,7 @@ def private_model_card(
         repo_or_path=repo_or_path,
         tuning=tuning,
         grid=grid,
+        grid_note=grid_note,
         private=private,
         description=description,
         usage=usage

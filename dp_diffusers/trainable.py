@@ -20,8 +20,11 @@ from .errors import UserInputError
 # a transformer's blocks (DiT: BasicTransformerBlock), then bare Attention modules (UNet2DModel's AttnDownBlock2D).
 BLOCK_CLASS_NAMES = ("Transformer2DModel", "BasicTransformerBlock", "Attention")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-#: The named choices of what trains. "full": every parameter of the denoiser.
-SCOPES = ("attention_blocks", "attention_projections", "full")
+#: The named choices of what trains. "attention_up_resnets": the attention blocks plus the ResNet blocks of the
+#: UNet's up (decoder) path; "full": every parameter of the denoiser.
+SCOPES = ("attention_blocks", "attention_projections", "attention_up_resnets", "full")
+RESNET_CLASS_NAMES = ("ResnetBlock2D",)
+_UP_PATH = ("up_blocks", "output_blocks")
 DEFAULT_LORA_RANK = 4
 _STAGE_ORDER = {
     "conv_in": 0,
@@ -46,7 +49,8 @@ class TrainableConfig:
         metadata={
             "help": "'attention_blocks': whole attention blocks (norm, proj_in, transformer blocks, proj_out), "
             "the paper's choice and the default; 'attention_projections': only the q/k/v/out projections inside "
-            "them (the default, and the only choice, with use_lora); 'full': every parameter of the denoiser."
+            "them (the default, and the only choice, with use_lora); 'attention_up_resnets': the attention blocks "
+            "plus the ResNet blocks of the UNet's up (decoder) path; 'full': every parameter of the denoiser."
         },
     )
     attention_layers: str | None = field(
@@ -185,6 +189,18 @@ def _projections(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
     return chosen or [(f"{bn}.{n}", m) for bn, b in blocks for n, m in b.named_modules() if n in PROJECTIONS]
 
 
+def _up_resnets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ResNet blocks of a UNet's up (decoder) path."""
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m).__name__ in RESNET_CLASS_NAMES and any(p in n.split(".") for p in _UP_PATH)
+    ]
+    if not found:
+        raise UserInputError(f"{type(model).__name__} has no ResNet blocks in an up path: use another `scope`.")
+    return found
+
+
 def select_modules(
     model: nn.Module, *, config: TrainableConfig, block_classes: tuple[str, ...] | None = None
 ) -> list[tuple[str, nn.Module]]:
@@ -207,6 +223,8 @@ def select_modules(
         blocks = [blocks[i - 1] for i in parse_layer_range(config.attention_layers, len(blocks))]
     if scope == "attention_blocks":
         return blocks
+    if scope == "attention_up_resnets":
+        return sorted(blocks + _up_resnets(model), key=lambda nm: _forward_key(nm[0]))
     chosen = _projections(blocks)
     if not chosen:
         raise UserInputError("The selected attention blocks have no to_q/to_k/to_v/to_out.0 projections.")

@@ -59,12 +59,18 @@ def parse_args(argv=None):
     p.add_argument(
         "--dataset_name",
         default="printed_digits",
-        help="PUBLIC data: a preset (printed_digits, mnist, ...), a Hub id, a local folder or parquet file.",
+        help="PUBLIC data: a preset (printed_digits, procedural, ...), a Hub id, a local folder or parquet file.",
     )
     p.add_argument("--dataset_split", default="train")
     p.add_argument("--image_column", default=None, help="Image column (default: the preset's or 'image').")
     p.add_argument("--label_column", default=None, help="Label column (default: the preset's or 'label').")
-    p.add_argument("--num_printed_digits", type=int, default=20000, help="Images to render for printed_digits.")
+    p.add_argument(
+        "--num_generated_images",
+        "--num_printed_digits",
+        type=int,
+        default=20000,
+        help="Images to generate for the generated presets (printed_digits, procedural).",
+    )
     p.add_argument("--resolution", type=int, default=28, help="Image side, a multiple of 4.")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 = grayscale, 3 = RGB.")
     p.add_argument(
@@ -204,7 +210,7 @@ def main(args) -> None:
         split=args.dataset_split,
         image_column=args.image_column,
         label_column=args.label_column,
-        num_printed_digits=args.num_printed_digits,
+        num_generated_images=args.num_generated_images,
         seed=args.seed,
     )
     if loaded.label_column is None:

@@ -209,7 +209,7 @@ def test_load_embedded_sets():
     assert len(digits.dataset) == 1797 and digits.preset is PRESETS["digits"] and "digits" in digits.source
     assert digits.id2label == {i: str(i) for i in range(10)}
     assert (digits.image_column, digits.label_column) == ("image", "label")
-    printed = load_image_dataset("printed_digits", num_printed_digits=20, seed=5)
+    printed = load_image_dataset("printed_digits", num_generated_images=20, seed=5)
     assert len(printed.dataset) == 20 and printed.preset is PRESETS["printed_digits"]
     expected = make_printed_digits(1, seed=5)[0]["image"]
     assert np.array_equal(np.asarray(printed.dataset[0]["image"]), np.asarray(expected))
@@ -347,7 +347,7 @@ def test_image_transform_center_crops():
 
 
 def test_as_torch_dataset_items():
-    loaded = load_image_dataset("printed_digits", num_printed_digits=20)
+    loaded = load_image_dataset("printed_digits", num_generated_images=20)
     eager = as_torch_dataset(loaded, resolution=28, channels=1)
     lazy = as_torch_dataset(loaded, resolution=28, channels=1, in_memory=False)
     assert len(eager) == len(lazy) == 20 and eager.in_memory and not lazy.in_memory

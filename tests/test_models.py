@@ -94,6 +94,21 @@ def test_full_scope_trains_every_denoiser_parameter(tiny_parts):
     ]
 
 
+def test_attention_up_resnets_scope_adds_only_the_up_path_resnets(tiny_parts):
+    unet, emb = tiny_parts["unet"], tiny_parts["embedder"]
+    attention = select_trainable(unet, config=TrainableConfig(scope="attention_blocks"), embedder=emb)
+    wider = select_trainable(unet, config=TrainableConfig(scope="attention_up_resnets"), embedder=emb)
+    resnets = [n for n in wider.modules if n not in attention.modules]
+    assert resnets and all(n.startswith("up_blocks.") and ".resnets." in n for n in resnets)
+    assert set(attention.modules) < set(wider.modules)
+    for name, param in unet.named_parameters():  # exactly the attention blocks and the up-path ResNets train
+        expected = any(name.startswith(m + ".") for m in wider.modules if m != "embedder")
+        assert param.requires_grad == expected, name
+    down = [m for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D" and not n.startswith("up_")]
+    assert down and not any(p.requires_grad for m in down for p in m.parameters())
+    assert attention.trainable < wider.trainable < wider.total
+
+
 @pytest.mark.parametrize(
     "options, needle",
     [
@@ -105,7 +120,7 @@ def test_full_scope_trains_every_denoiser_parameter(tiny_parts):
         (dict(lora_rank=8), "`lora_rank` and `lora_alpha` apply to LoRA adapters only"),
         (dict(lora_alpha=16.0), "add `use_lora`"),
         (dict(use_lora=True, lora_rank=0), "`lora_rank` must be a positive integer"),
-        (dict(scope="everything"), "use one of attention_blocks, attention_projections, full"),
+        (dict(scope="everything"), "use one of attention_blocks, attention_projections, attention_up_resnets, full"),
     ],
 )
 def test_conflicting_choices_are_refused_when_the_config_is_made(options, needle):

@@ -330,6 +330,8 @@ def test_model_card_reports_the_privacy_json_numbers(run_a):
     assert f"sample rate q = {privacy['sample_rate']:.4g}" in text
     assert f"| steps / epochs | {privacy['steps']} / {privacy['epochs']:.3g} |" in text
     assert "NOT differentially private" not in text
+    # The grid's sampling settings are stated (the class-conditional family's default guidance).
+    assert "one row per class: DDIM 2 steps, classifier-free guidance 2." in text
 
 
 def test_disable_dp_run_says_not_private(script, base_model, tmp_path):
@@ -552,6 +554,7 @@ BAD_INPUT = {
     "class_names_twice": (["--class_names", "a,b,a"], ["names a class twice"]),
     "class_names_against_the_schema": (["--class_names", "a,b"], ["declares the classes", "--class_names"]),
     "max_train_samples_zero": (["--max_train_samples", "0"], ["--max_train_samples must be >= 1"]),
+    "negative_guidance": (["--guidance_scale", "-1"], ["--guidance_scale must be >= 0"]),
     "overwrite_and_resume": (
         ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
         ["--overwrite_output_dir", "--resume_from_checkpoint"],

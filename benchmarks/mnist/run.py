@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -58,10 +59,23 @@ def run(cmd: list[str], env: dict | None = None) -> float:
     return time.time() - started
 
 
+def save_samples(source: Path, target: Path, count: int) -> None:
+    """The first ``count / 10`` samples of each class of ``source`` (evaluate.py's samples.npz), compressed."""
+    import numpy as np
+
+    with np.load(source) as data:
+        x, y = data["x"], data["y"].astype(np.int64)
+    per_class = count // 10
+    keep = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)]))
+    images = x[keep].reshape(len(keep), 28, 28).astype(np.uint8)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(target, x=images, y=y[keep])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="Run name (folder under benchmarks/mnist/runs/ and results key).")
-    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--epsilon", type=float, default=None, help="Required unless --public_only.")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--public_model", default=None, help="Default: dp_diffusers.DEFAULT_PUBLIC_MODEL.")
     p.add_argument("--mnist", default=str(MNIST), help="Folder with train.parquet and test.parquet.")
@@ -72,6 +86,22 @@ def main() -> None:
     p.add_argument("--max_grad_norm", type=float, default=1e-3)
     p.add_argument("--noise_multiplicity", type=int, default=1)
     p.add_argument("--attention_layers", default=None)
+    p.add_argument("--trainable_scope", default=None, help="train_dp_ldm.py's --trainable_scope (lever 1).")
+    p.add_argument("--use_lora", action="store_true", help="LoRA on the attention projections (lever 1).")
+    p.add_argument("--lora_rank", type=int, default=None)
+    p.add_argument("--lr_scheduler", default="constant", help="train_dp_ldm.py's --lr_scheduler.")
+    p.add_argument(
+        "--public_only",
+        action="store_true",
+        help="No fine-tune: evaluate the public model itself (no private data), the floor DP fine-tuning must beat.",
+    )
+    p.add_argument(
+        "--save_samples",
+        type=int,
+        default=0,
+        help="Also write this many of the evaluated samples (balanced) to benchmarks/mnist/samples/<name>.npz "
+        "(x uint8 [N, 28, 28], y int64), for re-evaluation with any classifier.",
+    )
     p.add_argument("--num_samples", type=int, default=60000)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=1.0)
@@ -85,13 +115,19 @@ def main() -> None:
     p.add_argument("--stop_after", choices=["finetune", "evaluate", "record"], default="record")
     p.add_argument("--results", default=str(HERE / "results.json"))
     args = p.parse_args()
+    if args.epsilon is None and not args.public_only:
+        p.error("--epsilon is required (unless --public_only)")
     args.mnist = os.path.relpath(args.mnist, REPO)
     if not (REPO / args.mnist / "train.parquet").is_file():
         sys.exit(f"error: MNIST parquet files not found in {args.mnist}: pass --mnist.")
 
     out = (HERE / "runs" / args.name).relative_to(REPO)  # commands and results carry repo-relative paths
     model_dir, eval_dir = out / "model", out / "eval"
-    if args.model_from:
+    if args.public_only:
+        from dp_diffusers import DEFAULT_PUBLIC_MODEL
+
+        model_dir = Path(os.path.relpath(args.public_model or DEFAULT_PUBLIC_MODEL, REPO))
+    elif args.model_from:
         model_dir = (HERE / "runs" / args.model_from / "model").relative_to(REPO)
         if not (REPO / model_dir / "privacy.json").is_file():
             sys.exit(f"error: --model_from {args.model_from}: no finished fine-tune in {model_dir}.")
@@ -117,6 +153,8 @@ def main() -> None:
         str(args.num_train_epochs),
         "--learning_rate",
         str(args.learning_rate),
+        "--lr_scheduler",
+        args.lr_scheduler,
         "--max_grad_norm",
         str(args.max_grad_norm),
         "--noise_multiplicity",
@@ -136,8 +174,18 @@ def main() -> None:
         finetune += ["--pretrained_model_name_or_path", args.public_model]
     if args.attention_layers:
         finetune += ["--attention_layers", args.attention_layers]
-    if not (REPO / model_dir / "privacy.json").is_file():
+    if args.trainable_scope:
+        finetune += ["--trainable_scope", args.trainable_scope]
+    if args.use_lora:
+        finetune += ["--use_lora"] + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
+    stats_path = REPO / out / "finetune_stats.json"
+    if not args.public_only and not (REPO / model_dir / "privacy.json").is_file():
+        resumed = (REPO / model_dir).is_dir()
         run(finetune, env)
+        # Peak resident memory of the fine-tune process (the only child waited for so far), in MiB.
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        stats = {"peak_rss_mib": round(peak, 1), "resumed": resumed}
+        stats_path.write_text(json.dumps(stats, indent=2) + "\n")
     if args.stop_after == "finetune":
         return
 
@@ -162,9 +210,9 @@ def main() -> None:
         str(args.eval_epochs),
         "--seeds",
         *map(str, args.seeds),
-        "--privacy_json",
-        str(model_dir / "privacy.json"),
     ]
+    if not args.public_only:
+        evaluate += ["--privacy_json", str(model_dir / "privacy.json")]
     if args.threads:
         evaluate += ["--num_threads", str(args.threads)]
     if not (REPO / eval_dir / "metrics.json").is_file():
@@ -172,13 +220,17 @@ def main() -> None:
     if args.stop_after == "evaluate":
         return
 
-    privacy = json.loads((REPO / model_dir / "privacy.json").read_text())
+    privacy = {} if args.public_only else json.loads((REPO / model_dir / "privacy.json").read_text())
     metrics = json.loads((REPO / eval_dir / "metrics.json").read_text())
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    if args.save_samples:
+        save_samples(REPO / eval_dir / "samples.npz", HERE / "samples" / f"{args.name}.npz", args.save_samples)
+    steps = privacy.get("steps")
     record = {
         "name": args.name,
-        "epsilon": privacy["epsilon"],
-        "target_epsilon": privacy["target_epsilon"],
-        "delta": privacy["delta"],
+        "epsilon": privacy.get("epsilon"),
+        "target_epsilon": privacy.get("target_epsilon"),
+        "delta": privacy.get("delta"),
         "accuracy_mean": metrics["accuracy_mean"],
         "accuracy_std": metrics["accuracy_std"],
         "classifier": metrics.get("classifier"),
@@ -186,21 +238,30 @@ def main() -> None:
         "fid_inception": metrics.get("fid_inception"),
         "fd_classifier": metrics.get("fd_classifier"),
         "dp_finetune_seconds": privacy.get("train_seconds"),
+        "dp_seconds_per_step": round(privacy["train_seconds"] / steps, 3)
+        if steps and privacy.get("train_seconds")
+        else None,
+        "peak_rss_mib": stats.get("peak_rss_mib"),
         "evaluation_seconds": metrics.get("seconds"),
         "hardware": hardware(),
-        "trained_modules": privacy["trained_modules"],
-        "trainable_parameters": privacy["trainable_parameters"],
-        "noise_multiplicity": privacy["noise_multiplicity"],
-        "noise_multiplier": privacy["noise_multiplier"],
-        "sample_rate": privacy["sample_rate"],
-        "steps": privacy["steps"],
-        "epochs": privacy["epochs"],
+        "trained_modules": privacy.get("trained_modules"),
+        "trainable_parameters": privacy.get("trainable_parameters"),
+        "trainable_scope": args.trainable_scope,
+        "use_lora": args.use_lora,
+        "noise_multiplicity": privacy.get("noise_multiplicity"),
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "sample_rate": privacy.get("sample_rate"),
+        "steps": steps,
+        "epochs": privacy.get("epochs"),
         "num_samples": args.num_samples,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "attention_layers": args.attention_layers,
-        "base_model": privacy["base_model"],
-        "command": ("" if args.model_from else shlex.join(finetune[1:]) + "  &&  ") + shlex.join(evaluate[1:]),
+        "base_model": privacy.get("base_model", str(model_dir)),
+        "public_only": args.public_only,
+        "samples_file": f"benchmarks/mnist/samples/{args.name}.npz" if args.save_samples else None,
+        "command": ("" if args.model_from or args.public_only else shlex.join(finetune[1:]) + "  &&  ")
+        + shlex.join(evaluate[1:]),
         "benchmark_command": shlex.join(["python", "benchmarks/mnist/run.py", *sys.argv[1:]]),
     }
     results_path = Path(args.results)

@@ -183,13 +183,14 @@ def load_image_dataset(
     label_column: str | None = None,
     class_names: tuple[str, ...] | list[str] | None = None,
     cache_dir: str | None = None,
-    num_printed_digits: int = 10000,
+    num_generated_images: int = 10000,
     seed: int = 0,
 ) -> LoadedDataset:
     """Loads an image data set by preset name, local path or Hub id; never touches the network for local data.
 
     - ``None`` or ``"digits"``: scikit-learn's embedded handwritten digits (the default private data).
-    - ``"printed_digits"``: ``num_printed_digits`` rendered digits (public), generated with ``seed``.
+    - ``"printed_digits"`` or ``"procedural"``: ``num_generated_images`` generated public images (rendered digits;
+      shapes, strokes, textures and glyphs without digits), generated with ``seed``.
     - a preset name (see ``PRESETS``): ``datasets.load_dataset(preset.hub_id, split=split)``.
     - a local folder: its parquet files (searched recursively; files or folders named after splits, e.g.
       ``train-*.parquet`` or ``test/``, select ``split``), else an image folder (``imagefolder``, one subfolder per
@@ -205,7 +206,7 @@ def load_image_dataset(
     Every failure the user can fix raises a one-line ``UserInputError``.
     """
     dataset, source, preset = read_source(
-        name_or_path, split=split, cache_dir=cache_dir, num_printed_digits=num_printed_digits, seed=seed
+        name_or_path, split=split, cache_dir=cache_dir, num_generated_images=num_generated_images, seed=seed
     )
 
     if isinstance(dataset, datasets.DatasetDict):  # cannot happen with split=...; guard for odd loaders

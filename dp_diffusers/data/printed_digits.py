@@ -120,19 +120,27 @@ def render_digit(
     stroke = int(rng.integers(0, 5))
     glyph = _random_affine(_glyph(int(digit), font_path, stroke), rng)
 
-    bbox = glyph.point(lambda v: 255 if v > 32 else 0).getbbox()
-    if bbox is None:  # cannot happen with the kept fonts; guard anyway
-        return Image.new("L", (image_size, image_size), 0)
-    glyph = glyph.crop(bbox)
-
     # Scale the longer side to the digit box, as MNIST does (20 px of 28), with a little random variation.
-    box = image_size * rng.uniform(17.0, 21.0) / 28.0
-    w, h = glyph.size
-    ratio = box / max(w, h)
-    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-    small = np.asarray(glyph.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    image = centre_in_frame(glyph, rng=rng, image_size=image_size, box=(17.0, 21.0))
+    return blur_and_noise(image, rng=rng, image_size=image_size)
 
-    # Centre of mass at the image centre, plus a translation of up to ~1.5 px (at 28 px).
+
+def centre_in_frame(
+    image: Image.Image, *, rng: np.random.Generator, image_size: int, box: tuple[float, float]
+) -> Image.Image:
+    """Crops a white-on-black mode-"L" ``image`` to its ink, scales its longer side to ``box`` pixels of a 28-pixel
+    frame (drawn uniformly from the range, scaled to ``image_size``) and places its centre of mass at the frame's
+    centre, plus a translation of up to ~1.5 px (at 28 px): MNIST's framing."""
+    bbox = image.point(lambda v: 255 if v > 32 else 0).getbbox()
+    if bbox is None:  # no ink (cannot happen with the kept fonts and shapes; guard anyway)
+        return Image.new("L", (image_size, image_size), 0)
+    image = image.crop(bbox)
+    side = image_size * rng.uniform(*box) / 28.0
+    w, h = image.size
+    ratio = side / max(w, h)
+    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    small = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+
     total = small.sum()
     ys, xs = np.indices(small.shape)
     com_y, com_x = (ys * small).sum() / total, (xs * small).sum() / total
@@ -144,8 +152,11 @@ def render_digit(
     y1, x1 = min(top + small.shape[0], image_size), min(left + small.shape[1], image_size)
     if y1 > y0 and x1 > x0:
         out[y0:y1, x0:x1] = small[y0 - top : y1 - top, x0 - left : x1 - left]
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
-    image = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+def blur_and_noise(image: Image.Image, *, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A light Gaussian blur (radius up to 0.7 px at 28 px) and, half of the time, pixel noise (std up to 8)."""
     radius = rng.uniform(0.0, 0.7) * image_size / 28.0
     if radius > 0.2:
         image = image.filter(ImageFilter.GaussianBlur(radius))

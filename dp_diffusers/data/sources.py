@@ -11,6 +11,7 @@ import datasets
 
 from ..errors import UserInputError, first_line
 from .printed_digits import make_printed_digits
+from .procedural import make_procedural_images
 from .sklearn_digits import load_sklearn_digits
 
 
@@ -18,9 +19,9 @@ from .sklearn_digits import load_sklearn_digits
 class DatasetPreset:
     """A named data set: where it lives and how to read it.
 
-    ``hub_id`` is ``None`` for the embedded sets (``digits``, ``printed_digits``). ``label_column`` is ``None`` for
-    unconditional data. ``class_names`` names the label ids of a column that is not a ``ClassLabel`` (e.g. a boolean
-    attribute); ``None`` keeps the column's own names.
+    ``hub_id`` is ``None`` for the embedded and generated sets (``digits``, ``printed_digits``, ``procedural``).
+    ``label_column`` is ``None`` for unconditional data. ``class_names`` names the label ids of a column that is not a
+    ``ClassLabel`` (e.g. a boolean attribute); ``None`` keeps the column's own names.
     """
 
     name: str
@@ -54,6 +55,16 @@ PRESETS: dict[str, DatasetPreset] = {
             resolution=28,
             channels=1,
             description="digits rendered from matplotlib's fonts, MNIST-style (generated, public; stands in for SVHN)",
+        ),
+        DatasetPreset(
+            name="procedural",
+            hub_id=None,
+            image_column="image",
+            label_column="label",
+            resolution=28,
+            channels=1,
+            description="shapes, pen strokes, textures, silhouettes and glyphs of many scripts, drawn by code, no "
+            "digits (generated, public; the domain-general prior's data)",
         ),
         DatasetPreset(
             name="mnist",
@@ -103,6 +114,10 @@ PRESETS: dict[str, DatasetPreset] = {
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 _SPLIT_RE = re.compile(rf"^({'|'.join(_SPLIT_NAMES)})(?:[-_.].*)?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+#: The embedded and generated presets (no Hub id).
+_GENERATED = ("digits", "printed_digits", "procedural")
 
 
 def _presets_list() -> str:
@@ -163,7 +178,7 @@ def _load_hub(hub_id: str, split: str, cache_dir: str | None = None) -> datasets
         ) from e
 
 
-def _read_embedded(name: str, split: str, *, num_printed_digits: int, seed: int):
+def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: int):
     preset = PRESETS[name]
     if split != "train":
         raise UserInputError(
@@ -171,10 +186,17 @@ def _read_embedded(name: str, split: str, *, num_printed_digits: int, seed: int)
         )
     if preset.name == "digits":
         return load_sklearn_digits(), "scikit-learn digits (embedded, 1,797 images)", preset
-    dataset = make_printed_digits(num_printed_digits, seed=seed)
+    if preset.name == "procedural":
+        dataset = make_procedural_images(num_generated_images, seed=seed)
+        return (
+            dataset,
+            f"procedural shapes (drawn by code, no digits, {num_generated_images} images, seed {seed})",
+            preset,
+        )
+    dataset = make_printed_digits(num_generated_images, seed=seed)
     return (
         dataset,
-        f"printed digits (rendered from matplotlib's fonts, {num_printed_digits} images, seed {seed})",
+        f"printed digits (rendered from matplotlib's fonts, {num_generated_images} images, seed {seed})",
         preset,
     )
 
@@ -208,14 +230,14 @@ def read_source(
     *,
     split: str = "train",
     cache_dir: str | None = None,
-    num_printed_digits: int = 10000,
+    num_generated_images: int = 10000,
     seed: int = 0,
 ) -> tuple[datasets.Dataset, str, DatasetPreset | None]:
     """``(dataset, source description, preset or None)`` for a preset name, local path or Hub id (see
     ``load_image_dataset``); never touches the network for local data."""
     name = name_or_path.strip() if isinstance(name_or_path, str) else name_or_path
-    if not name or name in ("digits", "printed_digits"):
-        return _read_embedded(name or "digits", split, num_printed_digits=num_printed_digits, seed=seed)
+    if not name or name in _GENERATED:
+        return _read_embedded(name or "digits", split, num_generated_images=num_generated_images, seed=seed)
     if name in PRESETS:
         preset = PRESETS[name]
         return _load_hub(preset.hub_id, split, cache_dir), f"{preset.hub_id} ({split})", preset

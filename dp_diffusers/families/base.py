@@ -199,7 +199,17 @@ class ModelFamily:
         """Rows of :meth:`sample_grid` (one per class; 1 for a plain grid)."""
         return 1
 
-    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int) -> Image.Image:
+    #: Classifier-free guidance of the sample grids when none is given (the family's own choice).
+    grid_guidance_scale: float = 1.0
+
+    def grid_guidance(self, guidance_scale: float | None = None) -> float:
+        """The guidance a grid is drawn with: ``guidance_scale``, or the family's ``grid_guidance_scale``."""
+        return self.grid_guidance_scale if guidance_scale is None else float(guidance_scale)
+
+    def sample_grid(
+        self, *, per_class: int, num_inference_steps: int, seed: int, guidance_scale: float | None = None
+    ) -> Image.Image:
+        """A PNG-ready grid of samples, one row per class, with ``grid_guidance(guidance_scale)``."""
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -233,8 +233,11 @@ class DiTFamily(ModelFamily):
     def grid_rows(self) -> int:
         return len(self._model_ids) or min(4, self.num_model_classes)
 
-    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
-        """One row per private class (no guidance: while training, the null class is not at id 1000)."""
+    def grid_guidance(self, guidance_scale: float | None = None) -> float:
+        return 1.0  # while training, the null class is not at id 1000
+
+    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int, guidance_scale: float | None = None):
+        """One row per private class, always without guidance: while training, the null class is not at id 1000."""
         self.pipe.set_progress_bar_config(disable=True)
         n = len(self._model_ids)
         ids = list(range(n)) if self._tied else self._model_ids

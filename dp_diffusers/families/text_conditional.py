@@ -172,7 +172,9 @@ class TextConditionalLDM(ModelFamily):
     def grid_rows(self) -> int:
         return len(self.grid_prompts())
 
-    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
+    grid_guidance_scale = 7.5  # Stable Diffusion's default; training drops prompts (cond_drop_prob) for it
+
+    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int, guidance_scale: float | None = None):
         self.pipe.set_progress_bar_config(disable=True)
         prompts = [p for p in self.grid_prompts() for _ in range(per_class)]
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -181,7 +183,7 @@ class TextConditionalLDM(ModelFamily):
             height=self.resolution,
             width=self.resolution,
             num_inference_steps=num_inference_steps,
-            guidance_scale=7.5,  # Stable Diffusion's default; training drops prompts (cond_drop_prob) for it
+            guidance_scale=self.grid_guidance(guidance_scale),
             generator=generator,
             output_type="pil",
         ).images

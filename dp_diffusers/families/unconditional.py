@@ -64,8 +64,11 @@ class UnconditionalLDM(ModelFamily):
     def loss_module(self, *, cond_drop_prob: float = 0.0) -> UnconditionalLoss:
         return UnconditionalLoss(self.unet, **self.loss_schedule())
 
-    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int):
-        """A plain grid (no classes): one row of ``per_class`` samples."""
+    def grid_guidance(self, guidance_scale: float | None = None) -> float:
+        return 1.0  # no classes to guide towards
+
+    def sample_grid(self, *, per_class: int, num_inference_steps: int, seed: int, guidance_scale: float | None = None):
+        """A plain grid (no classes, so no guidance): one row of ``per_class`` samples."""
         self.pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images = self.pipe(
