@@ -3,6 +3,7 @@
 
     python benchmarks/embedded_default.py dp_diffusers/assets/public-printed-digits dp-ldm-output
     python benchmarks/embedded_default.py dp-ldm-output --guidance_scale 1 2 3   # one reading per scale
+    python benchmarks/embedded_default.py PUBLIC PRIVATE --guidance_scale 2 --grid_dir docs/images  # + README grids
 
 For each pipeline (and guidance scale): 50 samples per class (DDIM 50 steps, eta 1, seed 0), then
   - private_classifier_accuracy: an RBF-SVM trained on the 1,797 private digits labels the samples; the share
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
+from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.svm import SVC
 
@@ -33,6 +36,7 @@ from dp_diffusers.data import as_torch_dataset, load_image_dataset
 from dp_diffusers.evaluation.downstream import accuracy, predict, train_classifier
 from dp_diffusers.evaluation.fid import compute_stats, frechet_distance
 from dp_diffusers.evaluation.real_data import load_labelled_images
+from dp_diffusers.grids import pipeline_class_grid
 
 
 def private_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +66,24 @@ def as_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8).reshape(-1, 28, 28, 1)
 
 
-def main(paths: list[str], guidance_scales: list[float]) -> None:
+def write_grids(grid_dir: Path, paths: list[str], x: np.ndarray, y: np.ndarray, guidance_scale: float) -> None:
+    """The README's grids, 8 per class: the private digits themselves (the first 8 of each class), then each
+    pipeline (DDIM 50 steps, seed 0, ``guidance_scale``) as ``embedded_default_<public|private>.png``."""
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    first = [i for c in range(10) for i in np.flatnonzero(y == c)[:8]]
+    tiles = [Image.fromarray(as_uint8(x[i : i + 1])[0, :, :, 0]) for i in first]
+    make_image_grid(tiles, rows=10, cols=8).save(grid_dir / "embedded_default_data.png")
+    for path, name in zip(paths, ("public", "private"), strict=False):
+        pipe = DPLDMPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        grid = pipeline_class_grid(pipe, per_class=8, num_inference_steps=50, guidance_scale=guidance_scale, seed=0)
+        grid.save(grid_dir / f"embedded_default_{name}.png")
+
+
+def main(paths: list[str], guidance_scales: list[float], grid_dir: str | None = None) -> None:
     x, y = private_digits()
+    if grid_dir:
+        write_grids(Path(grid_dir), paths, x, y, guidance_scales[0])
     judge = mnist_judge()
     svm = SVC(C=10).fit(x, y)
     pca = PCA(32, random_state=0).fit(x)
@@ -104,5 +124,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--guidance_scale", type=float, nargs="+", default=[1.0], help="Classifier-free guidance scales to read."
     )
+    parser.add_argument(
+        "--grid_dir",
+        default=None,
+        help="Also write the README's grids here: the private digits, then the first two pipelines (public, "
+        "private) at the first guidance scale.",
+    )
     args = parser.parse_args()
-    main(args.pipelines, args.guidance_scale)
+    main(args.pipelines, args.guidance_scale, args.grid_dir)

@@ -11,5 +11,16 @@ __version__ = "0.1.0"
 #: Folder of the shipped public checkpoint (pre-trained on printed digits only); ``DPLDMPipeline.from_pretrained``
 #: accepts it.
 DEFAULT_PUBLIC_MODEL = str(Path(__file__).parent / "assets" / "public-printed-digits")
+#: Folder of the shipped domain-general public checkpoint: pre-trained only on images drawn by code (shapes, pen
+#: strokes, textures, silhouettes, glyphs of many scripts; no digits, ``dp_diffusers.data.procedural``). The start
+#: for private images that do not look like digits.
+GENERAL_PUBLIC_MODEL = str(Path(__file__).parent / "assets" / "public-procedural")
 
-__all__ = ["ClassEmbedder", "DPLDMPipeline", "DEFAULT_PUBLIC_MODEL", "UserInputError", "__version__"]
+__all__ = [
+    "ClassEmbedder",
+    "DPLDMPipeline",
+    "DEFAULT_PUBLIC_MODEL",
+    "GENERAL_PUBLIC_MODEL",
+    "UserInputError",
+    "__version__",
+]

@@ -501,12 +501,14 @@ def test_unknown_pipeline_is_a_one_line_error_listing_the_families(bases, tmp_pa
 
 
 def test_presets_recommend_public_bases_that_never_saw_the_data(script):
-    from dp_diffusers import DEFAULT_PUBLIC_MODEL
+    from dp_diffusers import DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL
     from dp_diffusers.families import RECOMMENDED_BASES, check_base_model, known_base
 
     assert {"digits", "mnist", "fashion_mnist", "cifar10", "celeba"} <= RECOMMENDED_BASES.keys()
-    for name in ("digits", "mnist", "fashion_mnist"):
+    for name in ("digits", "mnist"):
         assert script.parse_args(["--dataset_name", name]).pretrained_model_name_or_path == DEFAULT_PUBLIC_MODEL
+    fashion = script.parse_args(["--dataset_name", "fashion_mnist"])
+    assert fashion.pretrained_model_name_or_path == GENERAL_PUBLIC_MODEL  # far from digits: the general prior
     celeba = script.parse_args(["--dataset_name", "celeba"])
     assert celeba.pretrained_model_name_or_path == "facebook/DiT-XL-2-256" and celeba.label_map is None
     cifar = script.parse_args(["--dataset_name", "cifar10"])

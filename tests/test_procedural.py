@@ -81,4 +81,4 @@ def test_no_digit_code_point_or_digit_shaped_glyph():
 def test_procedural_preset_loads_as_public_class_conditional_data():
     loaded = load_image_dataset("procedural", num_generated_images=20, seed=2)
     assert loaded.id2label == dict(enumerate(PROCEDURAL_CLASSES))
-    assert len(loaded.dataset) == 20 and "no digits" in loaded.source
+    assert len(loaded.dataset) == 20 and "digit-free" in loaded.source

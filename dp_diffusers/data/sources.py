@@ -190,7 +190,7 @@ def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: in
         dataset = make_procedural_images(num_generated_images, seed=seed)
         return (
             dataset,
-            f"procedural shapes (drawn by code, no digits, {num_generated_images} images, seed {seed})",
+            f"procedural shapes (drawn by code, digit-free, {num_generated_images} images, seed {seed})",
             preset,
         )
     dataset = make_printed_digits(num_generated_images, seed=seed)
