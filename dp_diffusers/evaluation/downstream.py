@@ -26,7 +26,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UserInputError
-from .classifier import ADAM_RECIPE, DPIB_CLASSIFIERS, build_classifier, to_model_input, training_recipe
+from .classifier import (
+    ADAM_RECIPE,
+    DPIB_CLASSIFIERS,
+    TrainingRecipe,
+    build_classifier,
+    to_model_input,
+    training_recipe,
+)
 from .samples import validate_images
 
 logger = logging.getLogger(__name__)
@@ -93,6 +100,17 @@ class ParameterEMA:
                     p.copy_(kept)
 
 
+def _with_recipe(classifier: str, epochs, batch_size, lr) -> tuple[TrainingRecipe, int, int, float]:
+    """``classifier``'s recipe, and ``epochs``, ``batch_size``, ``lr`` with the recipe's values for ``None``."""
+    recipe = training_recipe(classifier)
+    return (
+        recipe,
+        recipe.epochs if epochs is None else epochs,
+        recipe.batch_size if batch_size is None else batch_size,
+        recipe.lr if lr is None else lr,
+    )
+
+
 @contextmanager
 def _maybe_applied(ema: ParameterEMA | None) -> Iterator[None]:
     if ema is None:
@@ -132,10 +150,7 @@ def train_classifier(
         ``(model in eval mode, info)`` where ``info`` holds ``best_epoch`` (1-based), ``val_accuracy`` (of the
         selected epoch, or ``None``), ``val_history`` and ``seconds``.
     """
-    recipe = training_recipe(classifier)
-    epochs = recipe.epochs if epochs is None else epochs
-    batch_size = recipe.batch_size if batch_size is None else batch_size
-    lr = recipe.lr if lr is None else lr
+    recipe, epochs, batch_size, lr = _with_recipe(classifier, epochs, batch_size, lr)
     if int(epochs) < 1:
         raise UserInputError(f"epochs must be >= 1, got {epochs}.")
     if int(batch_size) < 1:
@@ -255,10 +270,7 @@ def downstream_accuracy(
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     elif max(train_y.max(), test_y.max()) >= num_classes:
         raise UserInputError(f"Labels reach {int(max(train_y.max(), test_y.max()))} but num_classes is {num_classes}.")
-    recipe = training_recipe(classifier)
-    epochs = recipe.epochs if epochs is None else epochs
-    batch_size = recipe.batch_size if batch_size is None else batch_size
-    lr = recipe.lr if lr is None else lr
+    recipe, epochs, batch_size, lr = _with_recipe(classifier, epochs, batch_size, lr)
     tr, va = split_train_val(len(train_x), val_fraction=val_fraction, seed=split_seed)
     x_tr, y_tr = train_x[tr], train_y[tr]
     x_va, y_va = (train_x[va], train_y[va]) if len(va) else (None, None)
