@@ -13,9 +13,11 @@ import torch
 
 from dp_diffusers import UserInputError
 from dp_diffusers.evaluation import (
+    DPIB_CLASSIFIERS,
     class_grid,
     compute_stats,
     downstream_accuracy,
+    downstream_accuracy_over,
     fd_classifier,
     frechet_distance,
     generate_samples,
@@ -27,6 +29,7 @@ from dp_diffusers.evaluation import (
 )
 from dp_diffusers.evaluation import downstream as downstream_module
 from dp_diffusers.evaluation import fid as fid_module
+from dp_diffusers.evaluation.classifier import build_classifier, to_model_input, training_recipe
 from dp_diffusers.evaluation.samples import grid_path_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +100,97 @@ def test_downstream_rejects_mismatched_shapes():
     x, y = toy_images(20)
     with pytest.raises(UserInputError, match="must match"):
         downstream_accuracy(train_x=x, train_y=y, test_x=x[:, :24, :24], test_y=y, seeds=(0,), epochs=1)
+
+
+# ------------------------------------------------------------------------------------------ DPImageBench classifiers
+#: Parameters of DPImageBench's definitions (evaluation/classifier/*.py) as its evaluator builds them for 1x28x28
+#: images and 10 classes: ResNet-110, WRN-40-4, ResNeXt-29 8x64d.
+DPIB_PARAMETERS = {"dpib_resnet": 1_730_426, "dpib_wrn": 8_948_922, "dpib_resnext": 34_425_546}
+
+
+@pytest.mark.parametrize("name", DPIB_CLASSIFIERS)
+def test_dpib_classifier_maps_mnist_batches_to_logits(name, one_thread):
+    model = build_classifier(name, in_channels=1, image_size=28, num_classes=10).eval()
+    assert sum(p.numel() for p in model.parameters()) == DPIB_PARAMETERS[name]
+    x, _ = toy_images(2)
+    with torch.no_grad():
+        logits = model(to_model_input(torch.from_numpy(x)))
+    assert logits.shape == (2, 10) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_dpib_classifiers_train_with_dpimagebench_settings(monkeypatch, one_thread):
+    made = {"adam": [], "step": [], "ema": []}
+
+    def spy(kind, cls):
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made[kind].append(self)
+
+        return Spy
+
+    monkeypatch.setattr(torch.optim, "Adam", spy("adam", torch.optim.Adam))
+    monkeypatch.setattr(torch.optim.lr_scheduler, "StepLR", spy("step", torch.optim.lr_scheduler.StepLR))
+    monkeypatch.setattr(downstream_module, "ParameterEMA", spy("ema", downstream_module.ParameterEMA))
+    x, y = toy_images(8)
+    for name in DPIB_CLASSIFIERS:
+        recipe = training_recipe(name)
+        assert (recipe.lr, recipe.weight_decay, recipe.lr_step_epochs, recipe.lr_gamma) == (0.01, 0.0, 20, 0.2)
+        assert (recipe.epochs, recipe.batch_size, recipe.ema_decay) == (50, 256, 0.9999)
+        model, info = downstream_module.train_classifier(
+            x=x[:6],
+            y=y[:6],
+            num_classes=10,
+            classifier=name,
+            epochs=1,
+            batch_size=3,
+            val_x=x[6:],
+            val_y=y[6:],
+            progress=False,
+        )
+        (adam,), (step,), (ema,) = (made[k][-1:] for k in ("adam", "step", "ema"))
+        group = adam.param_groups[0]
+        assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (0.01, (0.9, 0.999), 0.0)
+        assert (step.step_size, step.gamma, step.last_epoch) == (20, 0.2, 1)
+        assert ema.updates == 2 and ema.decay == 0.9999  # two optimiser steps, each followed by an EMA update
+        # The selected (and only) epoch was validated and returned with the averaged weights.
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow, strict=True))
+        assert info["best_epoch"] == 1 and not model.training
+    assert [len(made[k]) for k in made] == [3, 3, 3]
+
+
+def test_parameter_ema_warms_up_and_swaps_weights_in_and_out():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    ema = downstream_module.ParameterEMA(layer, 0.9999)
+    torch.nn.init.ones_(layer.weight)
+    ema.update()  # decay min(0.9999, 2 / 11): the average moves 9/11 of the way
+    assert ema.shadow[0].item() == pytest.approx(9 / 11)
+    with ema.applied():
+        assert layer.weight.item() == pytest.approx(9 / 11)
+    assert layer.weight.item() == 1.0
+
+
+def test_downstream_accuracy_over_reports_each_classifier_and_their_mean(one_thread):
+    x, y = toy_images(120, seed=0)
+    test_x, test_y = toy_images(30, seed=1)
+    result = downstream_accuracy_over(
+        classifiers=("cnn", "resnet"),
+        train_x=x,
+        train_y=y,
+        test_x=test_x,
+        test_y=test_y,
+        seeds=(0,),
+        epochs=1,
+        val_fraction=0.25,
+        progress=False,
+    )
+    by = result["accuracy_by_classifier"]
+    assert list(by) == ["cnn", "resnet"] == result["classifiers"] == list(result["downstream_by_classifier"])
+    assert result["accuracy_mean"] == pytest.approx(np.mean(list(by.values())))
+    assert result["accuracy_std"] == pytest.approx(np.std(list(by.values())))
+    assert by["cnn"] == result["downstream_by_classifier"]["cnn"]["accuracy_mean"]
+    assert (result["n_train"], result["n_val"], result["n_test"], result["epochs"]) == (90, 30, 30, 1)
 
 
 # ------------------------------------------------------------------------------------------ Fréchet distances
@@ -304,6 +398,27 @@ def test_evaluate_cli_end_to_end(tmp_path):
     assert metrics["fid_inception"] is not None or metrics["fid_inception_unavailable_reason"]
     assert metrics["fd_classifier"] >= 0.0 and metrics["epsilon"] == 1.0
     assert (out / "report.md").is_file() and (out / "samples_grid.png").is_file()
+
+
+def test_evaluate_cli_dpib_reports_each_classifier_and_their_mean(tmp_path, monkeypatch, one_thread):
+    import runpy
+
+    save_npz(tmp_path / "samples.npz", **dict(zip("xy", toy_images(60, seed=0), strict=True)))
+    save_npz(tmp_path / "test.npz", **dict(zip("xy", toy_images(20, seed=1), strict=True)))
+    script = runpy.run_path(str(REPO / "examples" / "evaluate.py"))
+    # Two small classifiers stand in for DPImageBench's three (hours per epoch on a CPU); the wiring is the same.
+    monkeypatch.setitem(script["main"].__globals__, "DPIB_CLASSIFIERS", ("cnn", "resnet"))
+    common = ["--samples", str(tmp_path / "samples.npz"), "--real_test", str(tmp_path / "test.npz"), "--skip_fd"]
+    common += ["--seeds", "0", "--epochs", "1", "--no_progress"]
+    assert script["parse_args"]([*common, "--output_dir", "o", "--classifier", "dpib_wrn"]).classifier == "dpib_wrn"
+    out = tmp_path / "eval"
+    metrics = script["main"](script["parse_args"]([*common, "--output_dir", str(out), "--classifier", "dpib"]))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["classifier"] == "dpib" and list(saved["accuracy_by_classifier"]) == ["cnn", "resnet"]
+    assert saved["accuracy_mean"] == pytest.approx(np.mean(list(saved["accuracy_by_classifier"].values())))
+    assert saved["downstream_by_classifier"]["resnet"]["seeds"] == [0] and metrics["n_test"] == 20
+    report = (out / "report.md").read_text()
+    assert "Downstream accuracy (resnet)" in report and "mean ± std over cnn, resnet" in report
 
 
 @pytest.mark.parametrize(

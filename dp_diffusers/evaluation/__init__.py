@@ -6,8 +6,19 @@ real training split (:func:`inception_fid` when Inception-v3 weights are on disk
 and write a one-page report (:func:`write_report`). ``examples/evaluate.py`` runs all of it from the command line.
 """
 
-from .classifier import CLASSIFIERS, SmallCNN, SmallResNet, build_classifier
-from .downstream import downstream_accuracy, train_classifier
+from .classifier import (
+    CLASSIFIERS,
+    DPIB_CLASSIFIERS,
+    DPIBResNet,
+    DPIBResNeXt,
+    DPIBWideResNet,
+    SmallCNN,
+    SmallResNet,
+    TrainingRecipe,
+    build_classifier,
+    training_recipe,
+)
+from .downstream import downstream_accuracy, downstream_accuracy_over, train_classifier
 from .fid import (
     compute_stats,
     fd_classifier,
@@ -23,12 +34,18 @@ from .samples import class_grid, generate_samples, load_npz, save_npz
 
 __all__ = [
     "CLASSIFIERS",
+    "DPIB_CLASSIFIERS",
+    "DPIBResNeXt",
+    "DPIBResNet",
+    "DPIBWideResNet",
     "SmallCNN",
     "SmallResNet",
+    "TrainingRecipe",
     "build_classifier",
     "class_grid",
     "compute_stats",
     "downstream_accuracy",
+    "downstream_accuracy_over",
     "fd_classifier",
     "frechet_distance",
     "generate_samples",
@@ -40,5 +57,6 @@ __all__ = [
     "save_npz",
     "save_stats",
     "train_classifier",
+    "training_recipe",
     "write_report",
 ]

@@ -50,7 +50,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _metric_rows(m: dict) -> list[tuple[str, str]]:
     rows = []
-    if "accuracy_mean" in m:
+    by_classifier = m.get("downstream_by_classifier") or {}
+    if "accuracy_mean" in m and by_classifier:  # several classifiers (downstream_accuracy_over)
+        rows.append(
+            (
+                f"Downstream accuracy ({m.get('classifier', '?')}: mean ± std over {', '.join(by_classifier)}; "
+                "trained on synthetic, tested on real)",
+                f"**{m['accuracy_mean']:.2f} ± {m.get('accuracy_std', 0.0):.2f} %**",
+            )
+        )
+        for name, run in by_classifier.items():
+            per_seed = ", ".join(f"{a:.2f}" for a in run.get("accuracies", []))
+            rows.append(
+                (
+                    f"Downstream accuracy ({name})",
+                    f"{run['accuracy_mean']:.2f} ± {run.get('accuracy_std', 0.0):.2f} % (seeds {run.get('seeds')}: "
+                    f"{per_seed}; best epochs {run.get('best_epochs')})",
+                )
+            )
+    elif "accuracy_mean" in m:
         seeds = m.get("seeds")
         per_seed = ", ".join(f"{a:.2f}" for a in m.get("accuracies", []))
         rows.append(
@@ -59,6 +77,7 @@ def _metric_rows(m: dict) -> list[tuple[str, str]]:
                 f"**{m['accuracy_mean']:.2f} ± {m.get('accuracy_std', 0.0):.2f} %** (seeds {seeds}: {per_seed})",
             )
         )
+    if "accuracy_mean" in m:
         rows.append(
             (
                 "Images: synthetic train / synthetic val (model selection) / real test",
@@ -66,7 +85,10 @@ def _metric_rows(m: dict) -> list[tuple[str, str]]:
             )
         )
         if m.get("epochs") is not None:
-            rows.append(("Classifier training", f"epochs: {m['epochs']}; best epoch per seed: {m.get('best_epochs')}"))
+            text = f"epochs: {m['epochs']}"
+            if "best_epochs" in m:
+                text += f"; best epoch per seed: {m['best_epochs']}"
+            rows.append(("Classifier training", text))
     if "fid_inception" in m:
         if m["fid_inception"] is not None:
             rows.append(("FID (Inception-v3, 2048-d, vs real train)", f"**{m['fid_inception']:.2f}**"))
