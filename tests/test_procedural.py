@@ -82,3 +82,26 @@ def test_procedural_preset_loads_as_public_class_conditional_data():
     loaded = load_image_dataset("procedural", num_generated_images=20, seed=2)
     assert loaded.id2label == dict(enumerate(PROCEDURAL_CLASSES))
     assert len(loaded.dataset) == 20 and "digit-free" in loaded.source
+
+
+def test_the_general_prior_is_shipped_digit_free_and_small():
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dp_diffusers import DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL, DPLDMPipeline
+    from dp_diffusers.families import check_base_model, known_base
+
+    info = json.loads((Path(GENERAL_PUBLIC_MODEL) / "pretraining.json").read_text())
+    assert info["public_data"].startswith("procedural shapes") and "--dataset_name procedural" in info["command"]
+    assert known_base(GENERAL_PUBLIC_MODEL).data_keys == frozenset({"procedural"})  # never saw any digits
+    for private in ("digits", "mnist", "fashion_mnist"):
+        check_base_model(GENERAL_PUBLIC_MODEL, private)  # not refused
+    # Both shipped priors together stay within 20 MB of weights.
+    weights = [p for root in (DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL) for p in Path(root).rglob("*.safetensors")]
+    assert len(weights) == 6 and sum(p.stat().st_size for p in weights) <= 20 * 1024**2
+    pipe = DPLDMPipeline.from_pretrained(GENERAL_PUBLIC_MODEL)
+    assert list(pipe.id2label.values()) == list(PROCEDURAL_CLASSES)
+    images = pipe(class_labels=[0, "stroke"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert [im.size for im in images.images] == [(28, 28), (28, 28)]
