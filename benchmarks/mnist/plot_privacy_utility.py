@@ -63,7 +63,8 @@ def main() -> None:
         ax.scatter(list(values), list(values.values()), marker=marker, s=28, label=name, alpha=0.8)
     if args.floor:
         floor = runs[args.floor]
-        ax.axhline(floor["accuracy_mean"], color="gray", linestyle="--", label=f"public model only ({args.floor})")
+        label = f"public model only, no private data ({floor['num_samples']:,} samples)"
+        ax.axhline(floor["accuracy_mean"], color="gray", linestyle="--", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("downstream accuracy on real MNIST test (%)")
