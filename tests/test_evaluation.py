@@ -131,7 +131,7 @@ def test_dpib_classifiers_train_with_dpimagebench_settings(monkeypatch, one_thre
 
     monkeypatch.setattr(torch.optim, "Adam", spy("adam", torch.optim.Adam))
     monkeypatch.setattr(torch.optim.lr_scheduler, "StepLR", spy("step", torch.optim.lr_scheduler.StepLR))
-    monkeypatch.setattr(downstream_module, "ParameterEMA", spy("ema", downstream_module.ParameterEMA))
+    monkeypatch.setattr(downstream_module, "EMAModel", spy("ema", downstream_module.EMAModel))
     x, y = toy_images(8)
     for name in DPIB_CLASSIFIERS:
         recipe = training_recipe(name)
@@ -152,23 +152,28 @@ def test_dpib_classifiers_train_with_dpimagebench_settings(monkeypatch, one_thre
         group = adam.param_groups[0]
         assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (0.01, (0.9, 0.999), 0.0)
         assert (step.step_size, step.gamma, step.last_epoch) == (20, 0.2, 1)
-        assert ema.updates == 2 and ema.decay == 0.9999  # two optimiser steps, each followed by an EMA update
+        assert ema.optimization_step == 2 and ema.decay == 0.9999  # two optimiser steps, each followed by an update
         # The selected (and only) epoch was validated and returned with the averaged weights.
-        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow, strict=True))
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow_params, strict=True))
         assert info["best_epoch"] == 1 and not model.training
     assert [len(made[k]) for k in made] == [3, 3, 3]
 
 
-def test_parameter_ema_warms_up_and_swaps_weights_in_and_out():
+def test_classifier_ema_counts_updates_as_dpimagebench_and_swaps_weights_in_and_out():
     layer = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(layer.weight)
-    ema = downstream_module.ParameterEMA(layer, 0.9999)
+    params = list(layer.parameters())
+    ema = downstream_module.classifier_ema(params, 0.9999)
     torch.nn.init.ones_(layer.weight)
-    ema.update()  # decay min(0.9999, 2 / 11): the average moves 9/11 of the way
-    assert ema.shadow[0].item() == pytest.approx(9 / 11)
-    with ema.applied():
-        assert layer.weight.item() == pytest.approx(9 / 11)
+    ema.step(params)  # update 1: decay min(0.9999, 2 / 11), the average moves 9/11 of the way (not all of it)
+    assert ema.shadow_params[0].item() == pytest.approx(9 / 11)
+    ema.step(params)  # update 2: decay 3 / 12
+    assert ema.shadow_params[0].item() == pytest.approx(9 / 11 + (1 - 9 / 11) * 9 / 12)
+    with downstream_module._averaged(ema, params):
+        assert layer.weight.item() == pytest.approx(9 / 11 + (1 - 9 / 11) * 9 / 12)
     assert layer.weight.item() == 1.0
+    with pytest.raises(UserInputError):
+        downstream_module.classifier_ema(params, 1.5)
 
 
 def test_downstream_accuracy_over_reports_each_classifier_and_their_mean(one_thread):

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -63,41 +64,28 @@ def accuracy(model: nn.Module, x, y, *, batch_size: int = 1000, device="cpu") ->
     return float((predict(model, x, batch_size=batch_size, device=device) == np.asarray(y)).mean())
 
 
-class ParameterEMA:
-    """An exponential moving average of a model's parameters, as DPImageBench's ``evaluation/ema.py``: after update
-    ``t`` (1-based) ``shadow <- shadow - (1 - d) * (shadow - param)`` with ``d = min(decay, (1 + t) / (10 + t))``.
-    BatchNorm running statistics are not averaged: :meth:`applied` swaps the averaged parameters in beside them."""
+def classifier_ema(params: Sequence[nn.Parameter], decay: float) -> EMAModel:
+    """diffusers' ``EMAModel`` over ``params``, counting updates as DPImageBench's ``evaluation/ema.py``: update ``t``
+    (1-based) uses ``d = min(decay, (1 + t) / (10 + t))``, so the first moves the average 9/11 of the way.
+    ``EMAModel`` computes ``(1 + s) / (10 + s)`` with ``s = t - update_after_step - 1``; ``update_after_step=-1``
+    makes ``s = t``. BatchNorm running statistics are not averaged (they are buffers, not parameters)."""
+    if not 0.0 <= float(decay) <= 1.0:
+        raise UserInputError(f"EMA decay must be in [0, 1], got {decay}.")
+    return EMAModel(list(params), decay=float(decay), update_after_step=-1)
 
-    def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 <= float(decay) <= 1.0:
-            raise UserInputError(f"EMA decay must be in [0, 1], got {decay}.")
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay, self.updates = float(decay), 0
 
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p, 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            p.copy_(s)
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        """Within the block the model holds the averaged parameters; its own ones come back afterwards."""
-        saved = [p.detach().clone() for p in self.params]
-        self.copy_to_model()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for kept, p in zip(saved, self.params, strict=True):
-                    p.copy_(kept)
+@contextmanager
+def _averaged(ema: EMAModel | None, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Within the block ``params`` hold the averaged values (if any); their own come back afterwards."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def _with_recipe(classifier: str, epochs, batch_size, lr) -> tuple[TrainingRecipe, int, int, float]:
@@ -109,15 +97,6 @@ def _with_recipe(classifier: str, epochs, batch_size, lr) -> tuple[TrainingRecip
         recipe.batch_size if batch_size is None else batch_size,
         recipe.lr if lr is None else lr,
     )
-
-
-@contextmanager
-def _maybe_applied(ema: ParameterEMA | None) -> Iterator[None]:
-    if ema is None:
-        yield
-    else:
-        with ema.applied():
-            yield
 
 
 def train_classifier(
@@ -165,7 +144,8 @@ def train_classifier(
     scheduler = None
     if recipe.lr_step_epochs is not None:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step_epochs, gamma=recipe.lr_gamma)
-    ema = None if recipe.ema_decay is None else ParameterEMA(model, recipe.ema_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ema = None if recipe.ema_decay is None else classifier_ema(trained, recipe.ema_decay)
     best_state, best_acc, best_epoch, history = None, -1.0, int(epochs), []
     bar = tqdm(range(1, int(epochs) + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -177,11 +157,11 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             if ema is not None:
-                ema.update()
+                ema.step(trained)
         if scheduler is not None:
             scheduler.step()
         if val_x is not None:
-            with _maybe_applied(ema):
+            with _averaged(ema, trained):
                 acc = accuracy(model, val_x, val_y, batch_size=recipe.eval_batch_size, device=device)
                 history.append(acc)
                 bar.set_postfix(val_acc=f"{acc:.4f}")
@@ -191,7 +171,7 @@ def train_classifier(
     if best_state is not None:
         model.load_state_dict(best_state)
     elif ema is not None:
-        ema.copy_to_model()
+        ema.copy_to(trained)
     model.eval()
     info = {
         "best_epoch": best_epoch,
