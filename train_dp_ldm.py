@@ -587,8 +587,11 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info(f"No checkpoint under {output_dir}: starting a new run.")
+    earlier_seconds = 0.0  # DP-step wall-clock of the runs this one resumes (None: a checkpoint that lacks it)
     if checkpoint is not None:
-        _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, rank=accelerator.process_index)
+        earlier_seconds = _resume(
+            checkpoint, names, params, ema, engine, optimizer, lr_scheduler, rank=accelerator.process_index
+        )
         logger.info(f"Resumed {checkpoint} at step {engine.steps}, epsilon {engine.epsilon}")
 
     loader = torch.utils.data.DataLoader(
@@ -668,7 +671,10 @@ def main(args: argparse.Namespace) -> None:
                 bar.set_postfix(shown)
                 accelerator.log(logged, step=step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                _checkpoint(output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler)
+                so_far = None if earlier_seconds is None else earlier_seconds + time.time() - started
+                _checkpoint(
+                    output_dir / f"checkpoint-{step}", names, params, ema, engine, optimizer, lr_scheduler, so_far
+                )
                 prune_checkpoints(output_dir, keep=args.checkpoints_total_limit)
             every = args.validation_steps or args.validation_epochs * epoch_steps
             if every and step % every == 0 and accelerator.is_main_process:
@@ -703,7 +709,10 @@ def main(args: argparse.Namespace) -> None:
         base_model_pretraining_data=family.base_data(),
         **family.describe(),
         dp_ldm_version=dp_diffusers.__version__,
-        train_seconds=round(seconds, 1),
+        # Wall-clock of the DP steps that made this model, over every resumed run (the time of steps lost to an
+        # interruption after the last checkpoint is not counted); None where an old checkpoint did not record it.
+        train_seconds=None if earlier_seconds is None else round(earlier_seconds + seconds, 1),
+        train_seconds_this_run=round(seconds, 1),
         label_set=None
         if not loaded.id2label
         else {
@@ -1029,8 +1038,9 @@ def _grid(family: ModelFamily, args):
     )
 
 
-def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) -> None:
+def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler, train_seconds) -> None:
     state = {
+        "train_seconds": train_seconds,
         "engine": engine.state_dict(),
         "optimizer": optimizer.state_dict(),  # a DPOptimizer's is its wrapped optimizer's (Opacus)
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -1047,10 +1057,10 @@ def _checkpoint(directory, names, params, ema, engine, optimizer, lr_scheduler) 
     )
 
 
-def _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, *, rank: int) -> None:
+def _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, *, rank: int) -> float | None:
     """What ``_checkpoint`` saved, put back: trained weights, engine (accountant), optimizer, schedule, EMA and the
     loss-side RNG. The DP noise and the Poisson masks draw fresh OS entropy on every (re)start: they are in no
-    checkpoint."""
+    checkpoint. Returns the DP-step seconds spent up to the checkpoint (None if it did not record them)."""
     trained, ema_tensors, state = load_checkpoint(checkpoint)
     if sorted(trained) != sorted(names):
         raise UserInputError(
@@ -1068,6 +1078,8 @@ def _resume(checkpoint, names, params, ema, engine, optimizer, lr_scheduler, *, 
         ema.shadow_params = [ema_tensors[n].to(p.device) for n, p in zip(names, params, strict=True)]
         ema.optimization_step = int(state.get("ema_step", engine.steps))
     set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    seconds = state.get("train_seconds")
+    return None if seconds is None else float(seconds)
 
 
 def _publish(final: Path, output_dir: Path) -> None:

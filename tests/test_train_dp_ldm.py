@@ -371,6 +371,11 @@ def test_resume_ends_with_the_same_steps_and_epsilon(script, run_a, base_model, 
     assert [tuple(h) for h in _engine_state(out / "checkpoint-2")["history"]] == [(sigma, q, 2)]
     assert _engine_state(out / "checkpoint-4")["history"] == _engine_state(ref / "checkpoint-4")["history"]
     assert [tuple(h) for h in _engine_state(ref / "checkpoint-4")["history"]] == [(sigma, q, 4)]
+    # The DP time reported is that of all the steps kept: checkpoint-2's seconds plus this run's.
+    before = torch.load(out / "checkpoint-2" / "state.pt", map_location="cpu", weights_only=True)["train_seconds"]
+    assert before > 0 and resumed["train_seconds_this_run"] > 0
+    assert resumed["train_seconds"] == pytest.approx(before + resumed["train_seconds_this_run"], abs=0.11)
+    assert uninterrupted["train_seconds"] == uninterrupted["train_seconds_this_run"]
     assert_only_trained_changed(base_model, out)
 
 

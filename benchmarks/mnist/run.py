@@ -241,6 +241,9 @@ def main() -> None:
         "dp_seconds_per_step": round(privacy["train_seconds"] / steps, 3)
         if steps and privacy.get("train_seconds")
         else None,
+        # Over all resumed runs (train_dp_ldm.py carries it in checkpoints); the last process's share beside it.
+        "dp_finetune_seconds_last_run": privacy.get("train_seconds_this_run"),
+        "resumed": stats.get("resumed"),
         "peak_rss_mib": stats.get("peak_rss_mib"),
         "evaluation_seconds": metrics.get("seconds"),
         "hardware": hardware(),
