@@ -267,6 +267,10 @@ def main() -> None:
         + shlex.join(evaluate[1:]),
         "benchmark_command": shlex.join(["python", "benchmarks/mnist/run.py", *sys.argv[1:]]),
     }
+    trained_with = REPO / model_dir / "training_args.json"
+    if not args.public_only and trained_with.is_file():  # what trained, as the fine-tune ran (also for --model_from)
+        ran = json.loads(trained_with.read_text())
+        record.update({k: ran.get(k) for k in ("trainable_scope", "use_lora", "attention_layers")})
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     results = [r for r in results if r.get("name") != args.name] + [record]
