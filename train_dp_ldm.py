@@ -71,7 +71,7 @@ from dp_diffusers.privacy import (
     steps_per_epoch,
 )
 from dp_diffusers.runtime import multi_process_cpu, retain_freed_memory
-from dp_diffusers.trainable import DEFAULT_LORA_RANK, SCOPES, TrainableConfig, select_trainable
+from dp_diffusers.trainable import DEFAULT_LORA_RANK, SCOPE_DESCRIPTIONS, SCOPES, TrainableConfig, select_trainable
 
 logger = get_logger(__name__)
 
@@ -897,12 +897,8 @@ def claim_output_dir(output_dir: Path, args, *, is_main: bool) -> dict | None:
 
 def _trained_kind(config: TrainableConfig) -> str:
     """What the card says was trained (before the embedder)."""
-    where = {
-        "attention_blocks": "the attention blocks",
-        "attention_projections": "the attention projections",
-        "full": "every denoiser parameter",
-        None: "the modules matched by --target_modules",
-    }[config.resolved_scope]
+    scope = config.resolved_scope
+    where = "the modules matched by --target_modules" if scope is None else SCOPE_DESCRIPTIONS[scope]
     return f"LoRA adapters (rank {config.rank}) on {where}" if config.use_lora else f"full weights of {where}"
 
 

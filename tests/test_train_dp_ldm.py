@@ -609,6 +609,29 @@ def test_plan_prints_the_numbers_and_writes_nothing(script, base_model, tmp_path
     assert facts["epsilon_after_planned_steps"] <= 0.05
 
 
+@pytest.mark.parametrize("scope", ["attention_up_resnets", "full"])
+def test_every_named_scope_trains_to_the_end_and_the_card_names_it(script, base_model, tmp_path, scope):
+    """The whole run, outputs included, for the scopes beyond the paper's (run_a covers attention_blocks)."""
+    from dp_diffusers.trainable import SCOPE_DESCRIPTIONS, SCOPES
+
+    assert set(SCOPE_DESCRIPTIONS) == set(SCOPES)  # every choice of --trainable_scope can be written on the card
+    out = tmp_path / scope
+    script.main(script.parse_args(cli(base_model, out, "--max_train_steps", "1", "--trainable_scope", scope)))
+    privacy = privacy_of(out)
+    assert privacy["steps"] == 1
+    assert privacy["trained_parameters_kind"].startswith(f"full weights of {SCOPE_DESCRIPTIONS[scope]}")
+    if scope == "full":  # the whole denoiser and the embedder moved; the autoencoder is bit-identical
+        assert privacy["trained_modules"] == ["UNet2DConditionModel (every parameter)", "embedder"]
+        before, after = tensors_of(base_model), tensors_of(out)
+        assert all(torch.equal(before[k], after[k]) == k.startswith("vae.") for k in before)
+        assert privacy["trainable_parameters"] == sum(v.numel() for k, v in before.items() if not k.startswith("vae."))
+    else:
+        assert_only_trained_changed(base_model, out)
+    if scope == "attention_up_resnets":
+        assert any(".resnets." in m and m.startswith("up_blocks.") for m in privacy["trained_modules"])
+        assert not any(m.startswith("down_blocks.") and ".resnets." in m for m in privacy["trained_modules"])
+
+
 def test_resolution_trains_and_samples_at_another_size(script, base_model, tmp_path):
     out = tmp_path / "r56"
     with capture_output() as buf:
