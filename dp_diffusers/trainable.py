@@ -20,16 +20,15 @@ from .errors import UserInputError
 # a transformer's blocks (DiT: BasicTransformerBlock), then bare Attention modules (UNet2DModel's AttnDownBlock2D).
 BLOCK_CLASS_NAMES = ("Transformer2DModel", "BasicTransformerBlock", "Attention")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-#: The named choices of what trains. "attention_up_resnets": the attention blocks plus the ResNet blocks of the
-#: UNet's up (decoder) path; "full": every parameter of the denoiser.
-SCOPES = ("attention_blocks", "attention_projections", "attention_up_resnets", "full")
-#: What each scope trains, in words (the privacy card's "trained parameters").
+#: The named choices of what trains (SCOPES, in this order) and what each trains, in words (the privacy card's
+#: "trained parameters").
 SCOPE_DESCRIPTIONS = {
     "attention_blocks": "the attention blocks",
     "attention_projections": "the attention projections",
     "attention_up_resnets": "the attention blocks and the ResNet blocks of the up (decoder) path",
     "full": "every denoiser parameter",
 }
+SCOPES = tuple(SCOPE_DESCRIPTIONS)
 RESNET_CLASS_NAMES = ("ResnetBlock2D",)
 _UP_PATH = ("up_blocks", "output_blocks")
 DEFAULT_LORA_RANK = 4

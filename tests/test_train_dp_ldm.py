@@ -612,9 +612,8 @@ def test_plan_prints_the_numbers_and_writes_nothing(script, base_model, tmp_path
 @pytest.mark.parametrize("scope", ["attention_up_resnets", "full"])
 def test_every_named_scope_trains_to_the_end_and_the_card_names_it(script, base_model, tmp_path, scope):
     """The whole run, outputs included, for the scopes beyond the paper's (run_a covers attention_blocks)."""
-    from dp_diffusers.trainable import SCOPE_DESCRIPTIONS, SCOPES
+    from dp_diffusers.trainable import SCOPE_DESCRIPTIONS
 
-    assert set(SCOPE_DESCRIPTIONS) == set(SCOPES)  # every choice of --trainable_scope can be written on the card
     out = tmp_path / scope
     script.main(script.parse_args(cli(base_model, out, "--max_train_steps", "1", "--trainable_scope", scope)))
     privacy = privacy_of(out)
