@@ -36,6 +36,8 @@ TIME_RATIOS = [
     Ratio(f"{HOOKS}_k4", HOOKS, "K=4 / K=1 (per row)", per="row"),
     Ratio(f"{BOOKKEEPING}_k4", BOOKKEEPING, "K=4 / K=1 (per example, book-keeping)"),
     Ratio("dp_attention_projections_hooks", "nonprivate_attention_projections"),
+    Ratio("dp_attention_up_resnets_bookkeeping", BOOKKEEPING),
+    Ratio("dp_full_bookkeeping", BOOKKEEPING),
 ]
 MEMORY_RATIOS = [
     Ratio(HOOKS, NONPRIVATE),
@@ -43,6 +45,8 @@ MEMORY_RATIOS = [
     Ratio(GHOST, HOOKS),
     Ratio(BOOKKEEPING, NONPRIVATE),
     Ratio(f"{BOOKKEEPING}_k4", f"{HOOKS}_k4", "K=4 book-keeping / K=4 hooks"),
+    Ratio("dp_attention_up_resnets_bookkeeping", BOOKKEEPING),
+    Ratio("dp_full_bookkeeping", BOOKKEEPING),
 ]
 MEMORY_KEY = "peak_memory_delta_mib"
 

@@ -42,6 +42,7 @@ MODEL_CONFIGS = {"default": "DEFAULT", "tiny": "TINY", "paper_cifar10": "PAPER_C
 _SCOPE_TEXT = {
     "attention_blocks": "attention blocks",
     "attention_projections": "q/k/v/out projections",
+    "attention_up_resnets": "attention blocks + up-path ResNets",
     "full": "every denoiser parameter",
 }
 _MODE_TEXT = {"hooks": "hooks", "ghost": "ghost clipping", "bookkeeping": "book-keeping"}
@@ -104,6 +105,9 @@ SCENARIOS = {
         ),
         Scenario(private=False, scope="attention_projections", optional=True),
         Scenario(private=True, scope="attention_projections", optional=True),
+        # lever 1 of the MNIST benchmark at train_dp_ldm.py's default mode (book-keeping), scope by scope
+        Scenario(private=True, scope="attention_up_resnets", grad_sample_mode="bookkeeping", optional=True),
+        Scenario(private=True, scope="full", grad_sample_mode="bookkeeping", optional=True),
     ]
 }
 DEFAULT_SCENARIOS = [name for name, s in SCENARIOS.items() if not s.optional]

@@ -32,6 +32,21 @@ PUBLISHED = {
 }
 
 
+def _fewer_samples_note(runs: list[dict]) -> str:
+    """ " (10,000 samples at epsilon 0.5, 2)" for the runs evaluated on fewer than the protocol's 60,000 samples;
+    "" when every run used 60,000. Fewer samples understate the protocol (benchmarks/mnist/README.md)."""
+    small: dict[int, list[float]] = {}
+    for run in runs:
+        if run["num_samples"] < 60000:
+            small.setdefault(run["num_samples"], []).append(run["epsilon"])
+    if not small:
+        return ""
+    if len(small) == 1 and len(next(iter(small.values()))) == len(runs):
+        return f" ({next(iter(small)):,} samples)"
+    parts = [f"{n:,} samples at epsilon {', '.join(f'{e:.2g}' for e in sorted(e))}" for n, e in sorted(small.items())]
+    return f" ({'; '.join(parts)})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(HERE / "results.json"))
@@ -49,8 +64,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, *names in args.series:
         points = sorted((runs[n]["epsilon"], runs[n]["accuracy_mean"], runs[n]["accuracy_std"]) for n in names)
-        small = sorted({runs[n]["num_samples"] for n in names if runs[n]["num_samples"] < 60000})
-        note = f" ({', '.join(f'{s:,}' for s in small)} samples)" if small else ""
+        note = _fewer_samples_note([runs[n] for n in names])
         ax.errorbar(
             [e for e, _, _ in points],
             [a for _, a, _ in points],
