@@ -13,6 +13,7 @@ DPImageBench's numbers (DP-FETA-Pro from its paper), at epsilon 1 and 10.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def main() -> None:
         p.error(f"runs not in {args.results}: {', '.join(missing)}")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, *names in args.series:
+    ours_colors = ["black", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]  # apart from the published points'
+    for (label, *names), color in zip(args.series, itertools.cycle(ours_colors)):
         points = sorted((runs[n]["epsilon"], runs[n]["accuracy_mean"], runs[n]["accuracy_std"]) for n in names)
         note = _fewer_samples_note([runs[n] for n in names])
         ax.errorbar(
@@ -71,10 +73,12 @@ def main() -> None:
             yerr=[s for _, _, s in points],
             marker="o",
             capsize=3,
+            color=color,
             label=label + note,
         )
-    for (name, values), marker in zip(PUBLISHED.items(), "s^Dv", strict=True):
-        ax.scatter(list(values), list(values.values()), marker=marker, s=28, label=name, alpha=0.8)
+    published_colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for (name, values), marker, color in zip(PUBLISHED.items(), "s^Dv", published_colors, strict=True):
+        ax.scatter(list(values), list(values.values()), marker=marker, s=28, label=name, alpha=0.8, color=color)
     if args.floor:
         floor = runs[args.floor]
         label = f"public model only, no private data ({floor['num_samples']:,} samples)"
