@@ -25,7 +25,7 @@ from dp_diffusers.families import ClassConditionalLDM, load_family
 from dp_diffusers.families.common import vae_scale_factor
 from dp_diffusers.models import configs
 from dp_diffusers.privacy import DPEngine, PrivacyConfig, repeat_rows
-from dp_diffusers.trainable import TrainableConfig, TrainableReport, select_trainable
+from dp_diffusers.trainable import SCOPE_DESCRIPTIONS, TrainableConfig, TrainableReport, select_trainable
 
 CLI = Path(__file__).with_name("step_cost.py")  # the worker processes run it with --_child
 MAX_STEPS = 10**9  # the engine's step plan: never reached
@@ -39,12 +39,6 @@ MODEL_CONFIGS = {"default": "DEFAULT", "tiny": "TINY", "paper_cifar10": "PAPER_C
 
 # ---------------------------------------------------------------------------------------------------- scenarios
 
-_SCOPE_TEXT = {
-    "attention_blocks": "attention blocks",
-    "attention_projections": "q/k/v/out projections",
-    "attention_up_resnets": "attention blocks + up-path ResNets",
-    "full": "every denoiser parameter",
-}
 _MODE_TEXT = {"hooks": "hooks", "ghost": "ghost clipping", "bookkeeping": "book-keeping"}
 
 
@@ -67,7 +61,8 @@ class Scenario:
     def description(self) -> str:
         how = _MODE_TEXT[self.grad_sample_mode] if self.private else "(AdamW)"
         k = f", K={self.noise_multiplicity}" if self.noise_multiplicity > 1 else ""
-        return f"{'DP' if self.private else 'non-private'}, {_SCOPE_TEXT[self.scope]} + embedder, {how}{k}"
+        what = SCOPE_DESCRIPTIONS[self.scope].removeprefix("the ")  # the card's words, one table for both
+        return f"{'DP' if self.private else 'non-private'}, {what} + embedder, {how}{k}"
 
     def trainable_config(self, attention_layers: str | None = None, train_embedder: bool = True) -> TrainableConfig:
         """As ``train_dp_ldm.py --trainable_scope``; ``attention_layers`` / ``train_embedder`` narrow the attention
