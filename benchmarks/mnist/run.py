@@ -96,6 +96,12 @@ def main() -> None:
         help="No fine-tune: evaluate the public model itself (no private data), the floor DP fine-tuning must beat.",
     )
     p.add_argument(
+        "--disable_dp",
+        action="store_true",
+        help="NON-PRIVATE ceiling (train_dp_ldm.py --disable_dp: no clipping, no noise), to price privacy at equal "
+        "steps. Never a result at any epsilon.",
+    )
+    p.add_argument(
         "--save_samples",
         type=int,
         default=0,
@@ -115,8 +121,10 @@ def main() -> None:
     p.add_argument("--stop_after", choices=["finetune", "evaluate", "record"], default="record")
     p.add_argument("--results", default=str(HERE / "results.json"))
     args = p.parse_args()
-    if args.epsilon is None and not args.public_only:
-        p.error("--epsilon is required (unless --public_only)")
+    if args.epsilon is None and not (args.public_only or args.disable_dp):
+        p.error("--epsilon is required (unless --public_only or --disable_dp)")
+    if args.disable_dp and args.epsilon is not None:
+        p.error("--disable_dp trains without privacy: drop --epsilon.")
     args.mnist = os.path.relpath(args.mnist, REPO)
     if not (REPO / args.mnist / "train.parquet").is_file():
         sys.exit(f"error: MNIST parquet files not found in {args.mnist}: pass --mnist.")
@@ -141,10 +149,6 @@ def main() -> None:
         args.mnist,
         "--output_dir",
         str(model_dir),
-        "--epsilon",
-        str(args.epsilon),
-        "--delta",
-        str(args.delta),
         "--train_batch_size",
         str(args.train_batch_size),
         "--max_physical_batch_size",
@@ -170,6 +174,7 @@ def main() -> None:
         "--report_to",
         "none",
     ]
+    finetune += ["--disable_dp"] if args.disable_dp else ["--epsilon", str(args.epsilon), "--delta", str(args.delta)]
     if args.public_model:
         finetune += ["--pretrained_model_name_or_path", args.public_model]
     if args.attention_layers:
@@ -251,6 +256,7 @@ def main() -> None:
         "trainable_parameters": privacy.get("trainable_parameters"),
         "trainable_scope": args.trainable_scope,
         "use_lora": args.use_lora,
+        "disable_dp": args.disable_dp,
         "noise_multiplicity": privacy.get("noise_multiplicity"),
         "noise_multiplier": privacy.get("noise_multiplier"),
         "sample_rate": privacy.get("sample_rate"),
