@@ -110,9 +110,9 @@ leak its training images. Do not publish it where DP is expected.
 {% endif %}
 
 {{ description }} fine-tuned with [dp-diffusers](https://github.com/dp-diffusers/dp-diffusers)
-(DP-LDM, arXiv 2305.15759): a public model was pre-trained on public data, then only its attention modules{% if
-with_embedder %} and conditioning embedder{% endif %} were fine-tuned on the private data{% if private %} with
-DP-SGD{% endif %}.
+(DP-LDM, arXiv 2305.15759): a public model was pre-trained on public data, then only part of it was fine-tuned on
+the private data{% if private %} with DP-SGD{% endif %}: {{ trained_parameters_kind }}. The rest, the autoencoder
+included, kept its public weights.
 
 ## Privacy
 | | |
@@ -264,8 +264,11 @@ def private_model_card(
             f'from dp_diffusers import DPLDMPipeline\n\npipe = DPLDMPipeline.from_pretrained("{repo_or_path}")\n'
             "images = pipe(class_labels=list(range(10)), num_inference_steps=50).images"
         ),
-        trained_parameters_kind=privacy.get("trained_parameters_kind", "full attention weights"),
+        # What trained, as train_dp_ldm.py's privacy.json names it (scope, LoRA, embedder); a privacy.json older
+        # than that field only knew the paper's choice.
+        trained_parameters_kind=privacy.get("trained_parameters_kind")
+        or "full weights of the attention modules"
+        + (" + the embedder (full)" if "embedder" in privacy.get("trained_modules", []) else ""),
         lora=privacy.get("lora"),
-        with_embedder="embedder" in privacy.get("trained_modules", []),
     )
     return ModelCard.from_template(data, template_str=PRIVATE_TEMPLATE, **values)

@@ -624,6 +624,10 @@ def test_every_named_scope_trains_to_the_end_and_the_card_names_it(script, base_
     privacy = privacy_of(out)
     assert privacy["steps"] == 1
     assert privacy["trained_parameters_kind"].startswith(f"full weights of {SCOPE_DESCRIPTIONS[scope]}")
+    # The card's summary names what trained, not the paper's default (attention only).
+    summary = " ".join((out / "README.md").read_text().split())
+    assert f"fine-tuned on the private data with DP-SGD: full weights of {SCOPE_DESCRIPTIONS[scope]}" in summary
+    assert "only its attention modules" not in summary
     if scope == "full":
         assert privacy["trained_modules"] == [WHOLE_UNET, "embedder"]
     assert_only_trained_changed(base_model, out)
