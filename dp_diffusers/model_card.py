@@ -264,11 +264,8 @@ def private_model_card(
             f'from dp_diffusers import DPLDMPipeline\n\npipe = DPLDMPipeline.from_pretrained("{repo_or_path}")\n'
             "images = pipe(class_labels=list(range(10)), num_inference_steps=50).images"
         ),
-        # What trained, as train_dp_ldm.py's privacy.json names it (scope, LoRA, embedder); a privacy.json older
-        # than that field only knew the paper's choice.
-        trained_parameters_kind=privacy.get("trained_parameters_kind")
-        or "full weights of the attention modules"
-        + (" + the embedder (full)" if "embedder" in privacy.get("trained_modules", []) else ""),
+        # What trained (scope, LoRA, embedder), in the words train_dp_ldm.py's privacy.json gives it.
+        trained_parameters_kind=privacy["trained_parameters_kind"],
         lora=privacy.get("lora"),
     )
     return ModelCard.from_template(data, template_str=PRIVATE_TEMPLATE, **values)

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
 
 import dp_diffusers
+from dp_diffusers.evaluation.classifier import to_model_input
 from dp_diffusers.evaluation.downstream import accuracy, train_classifier
 from dp_diffusers.evaluation.real_data import load_labelled_images
 
@@ -33,13 +35,11 @@ MNIST = HERE.parents[1].parent / "shared" / "datasets" / "mnist"
 PRIORS = {"printed digits": dp_diffusers.DEFAULT_PUBLIC_MODEL, "procedural": dp_diffusers.GENERAL_PUBLIC_MODEL}
 
 
-def to_unit(x: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 1] -> float [N, 1, H, W] in [-1, 1], the range the priors were trained on."""
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Decoder output in [-1, 1] -> uint8 [N, H, W, C], as DPLDMPipeline turns its images into the evaluated samples
+    (diffusers' ``VaeImageProcessor.postprocess``, then rounding)."""
+    images = VaeImageProcessor(do_normalize=True).postprocess(x, output_type="np")
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def main() -> None:
     x_train, y_train = load_labelled_images(args.mnist, split="train")
     judge, _ = train_classifier(x=x_train, y=y_train, num_classes=10, epochs=args.epochs, seed=0)
     rows = [{"images": "real (no round trip)", "accuracy": accuracy(judge, x_test, y_test)}]
-    x = to_unit(x_test)
+    x = to_model_input(torch.from_numpy(x_test))  # [-1, 1], the range the priors were trained on
     for name, path in PRIORS.items():
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
         rec = round_trip(vae, x)
