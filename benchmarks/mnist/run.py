@@ -113,7 +113,10 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance at sampling (free).")
     p.add_argument(
-        "--model_from", default=None, help="Evaluate the fine-tuned model of this earlier run (no new fine-tune)."
+        "--model_from",
+        default=None,
+        help="Evaluate the fine-tuned model of this earlier run, or of this model folder (e.g. a committed "
+        "benchmarks/mnist/models/<run>), with no new fine-tune.",
     )
     p.add_argument("--eval_epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -136,7 +139,8 @@ def main() -> None:
 
         model_dir = Path(os.path.relpath(args.public_model or DEFAULT_PUBLIC_MODEL, REPO))
     elif args.model_from:
-        model_dir = (HERE / "runs" / args.model_from / "model").relative_to(REPO)
+        given = Path(args.model_from).resolve()
+        model_dir = Path(os.path.relpath(given, REPO)) if given.is_dir() else out.parent / args.model_from / "model"
         if not (REPO / model_dir / "privacy.json").is_file():
             sys.exit(f"error: --model_from {args.model_from}: no finished fine-tune in {model_dir}.")
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
@@ -264,6 +268,7 @@ def main() -> None:
         "epochs": privacy.get("epochs"),
         "num_samples": args.num_samples,
         "num_inference_steps": args.num_inference_steps,
+        "eta": args.eta,
         "guidance_scale": args.guidance_scale,
         "attention_layers": args.attention_layers,
         "base_model": privacy.get("base_model", str(model_dir)),
