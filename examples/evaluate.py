@@ -142,11 +142,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _samples(args, out: Path) -> tuple[np.ndarray, np.ndarray, str, str | None]:
-    """``(x, y, source, grid path or None)``: loaded from --samples or drawn from --pipeline."""
+def _samples(args, out: Path) -> tuple[np.ndarray, np.ndarray, str, str | None, float | None]:
+    """``(x, y, source, grid path or None, sampling seconds or None)``: loaded from --samples or drawn from
+    --pipeline (the seconds are this process's share: a resumed run draws only the chunks that were missing)."""
     if args.samples:
         x, y = load_labelled_images(args.samples, split="train")
-        return x, y, args.samples, None
+        return x, y, args.samples, None, None
     if not args.pipeline:
         raise UserInputError("Pass --samples FILE.npz, or --pipeline FOLDER (with --num_samples) to draw samples.")
     from dp_diffusers import DPLDMPipeline
@@ -164,6 +165,7 @@ def _samples(args, out: Path) -> tuple[np.ndarray, np.ndarray, str, str | None]:
             "train_dp_ldm.py, pretrain_public_ldm.py or save_pretrained, or a Hub repo id."
         ) from e
     path = args.samples_out or str(out / "samples.npz")
+    start = time.perf_counter()
     generate_samples(
         pipe,
         num_samples=args.num_samples,
@@ -175,8 +177,9 @@ def _samples(args, out: Path) -> tuple[np.ndarray, np.ndarray, str, str | None]:
         seed=args.sample_seed,
         progress=not args.no_progress,
     )
+    seconds = time.perf_counter() - start
     x, y = load_labelled_images(path)
-    return x, y, path, grid_path_for(path)
+    return x, y, path, grid_path_for(path), seconds
 
 
 def _real_train(args) -> tuple[np.ndarray | None, np.ndarray | None, str | None, str | None]:
@@ -212,7 +215,7 @@ def main(args) -> dict:
     progress = not args.no_progress
     start = time.perf_counter()
 
-    x, y, source, grid = _samples(args, out)
+    x, y, source, grid, sampling_seconds = _samples(args, out)
     n_samples = len(x)
     if args.max_train is not None:
         if args.max_train < 2:
@@ -227,6 +230,8 @@ def main(args) -> dict:
     logger.info("samples %s %s, real test %s %s", source, x.shape, args.real_test, test_x.shape)
 
     metrics = {"samples": source, "num_samples": n_samples, "real_test": args.real_test}
+    if sampling_seconds is not None:
+        metrics["sampling_seconds"] = sampling_seconds
     settings = dict(
         train_x=x,
         train_y=y,

@@ -403,6 +403,23 @@ def test_evaluate_cli_end_to_end(tmp_path):
     assert metrics["fid_inception"] is not None or metrics["fid_inception_unavailable_reason"]
     assert metrics["fd_classifier"] >= 0.0 and metrics["epsilon"] == 1.0
     assert (out / "report.md").is_file() and (out / "samples_grid.png").is_file()
+    assert "sampling_seconds" not in metrics  # nothing was drawn: --samples
+
+
+def test_evaluate_draws_from_a_pipeline_and_times_the_sampling(tiny_pipe, tmp_path, one_thread):
+    import runpy
+
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    size = tiny_pipe.vae.config.sample_size
+    save_npz(tmp_path / "test.npz", **dict(zip("xy", toy_images(20, seed=1, size=size), strict=True)))
+    script = runpy.run_path(str(REPO / "examples" / "evaluate.py"))
+    args = ["--pipeline", str(tmp_path / "pipe"), "--num_samples", "20", "--num_inference_steps", "2"]
+    args += ["--real_test", str(tmp_path / "test.npz"), "--skip_fd", "--seeds", "0", "--epochs", "1"]
+    out = tmp_path / "eval"
+    metrics = script["main"](script["parse_args"]([*args, "--output_dir", str(out), "--no_progress"]))
+    assert metrics["num_samples"] == 20 and np.load(out / "samples.npz")["x"].shape[0] == 20
+    assert 0.0 < metrics["sampling_seconds"] <= metrics["seconds"]
+    assert json.loads((out / "metrics.json").read_text())["sampling_seconds"] == metrics["sampling_seconds"]
 
 
 def test_evaluate_cli_dpib_reports_each_classifier_and_their_mean(tmp_path, monkeypatch, one_thread):

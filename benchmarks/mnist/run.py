@@ -255,6 +255,8 @@ def main() -> None:
         "resumed": stats.get("resumed"),
         "peak_rss_mib": stats.get("peak_rss_mib"),
         "evaluation_seconds": metrics.get("seconds"),
+        # Drawing the samples alone (the last evaluation process's share when it resumed).
+        "sampling_seconds": metrics.get("sampling_seconds"),
         "hardware": hardware(),
         "trained_modules": privacy.get("trained_modules"),
         "trainable_parameters": privacy.get("trainable_parameters"),
