@@ -55,6 +55,7 @@ from dp_diffusers.families import (
     FamilyOptions,
     ModelFamily,
     check_base_model,
+    fine_tune_defaults,
     load_family,
     parse_label_map,
     resolve_base_model,
@@ -195,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trainable_scope",
         default=None,
         choices=list(SCOPES),
-        help="attention_blocks: whole attention blocks (the paper; the default); attention_projections: only their "
+        help="attention_blocks: whole attention blocks (the paper); attention_projections: only their "
         "q/k/v/out projections (the default, and the only choice, with --use_lora); attention_up_resnets: the "
         "attention blocks plus the ResNet blocks of the UNet's up (decoder) path; full: every parameter of the "
-        "denoiser.",
+        "denoiser. Default: attention_blocks; attention_up_resnets from the domain-general prior "
+        "(dp_diffusers.GENERAL_PUBLIC_MODEL), which must move further.",
     )
     g.add_argument(
         "--attention_layers",
@@ -325,7 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--epsilon and no plan, training runs until the budget is spent.",
     )
     g.add_argument("--max_train_steps", type=int, default=None, help="Planned logical steps; overrides epochs.")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate of the trained weights.")
+    g.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="AdamW learning rate of the trained weights. Default: 1e-3; 3e-3 from the domain-general prior "
+        "(dp_diffusers.GENERAL_PUBLIC_MODEL, far from any private data).",
+    )
     g.add_argument("--lr_scheduler", default="constant", help="diffusers' get_scheduler name, over logical steps.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -422,6 +430,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pretrained_model_name_or_path, args.dataset_name
     )
     args.recommended_base = recommended  # why the preset's base was chosen, for error messages (not saved)
+    defaults = fine_tune_defaults(args.pretrained_model_name_or_path)  # what trains and how fast from this base
+    if args.learning_rate is None:
+        args.learning_rate = defaults.learning_rate
+    chooses_modules = args.attention_layers or args.target_modules or args.use_lora
+    if args.trainable_scope is None and not chooses_modules:
+        args.trainable_scope = defaults.trainable_scope
     if recommended is not None and recommended.label_map and args.label_map is None:
         args.label_map = recommended.label_map  # the preset's documented mapping onto the base's classes
     until_budget = args.noise_multiplier is not None and args.epsilon is not None and not args.disable_dp
@@ -567,7 +581,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- trainable parameters (the rest is frozen)
     report = _select_trainable(args, family)
-    logger.info(f"{report} ({len(report.modules)} modules)")
+    logger.info(f"{report} ({len(report.modules)} modules), learning rate {args.learning_rate:g}")
     model = family.loss_module(cond_drop_prob=args.cond_drop_prob).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]

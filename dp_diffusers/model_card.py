@@ -40,8 +40,9 @@ A class-conditional latent diffusion model (`DPLDMPipeline` of
 
 **Not differentially private, and it does not need to be:** it was trained on public data only:
 {{ public_data }}.
-It is a public starting point for private fine-tuning with `train_dp_ldm.py`, which trains only its attention blocks
-and class embedder with DP-SGD.
+It is a public starting point for private fine-tuning with `train_dp_ldm.py`, which trains only part of it with
+DP-SGD: by default its attention blocks and class embedder, and from the domain-general prior (`public-procedural`,
+far from any private data) also its up path's ResNet blocks, at a higher learning rate.
 
 ## Training
 {{ training }}

@@ -670,6 +670,29 @@ def test_every_flag_has_help_and_shows_its_default_once(script):
     assert args.lora_rank == 8 and script.parse_args(["--use_lora", "--lora_rank", "2"]).lora_rank == 2
 
 
+def test_the_domain_general_prior_trains_more_and_faster_unless_told(script, tmp_path):
+    """From the far prior the measured defaults apply (attention + up-path ResNets, 3e-3); from any other base the
+    paper's (attention blocks, 1e-3); whatever the user sets wins, and a user's own choice of modules is kept."""
+    from dp_diffusers import DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL
+
+    out = ["--output_dir", str(tmp_path / "o")]
+    far = script.parse_args(["--pretrained_model_name_or_path", GENERAL_PUBLIC_MODEL, *out])
+    assert (far.trainable_scope, far.learning_rate) == ("attention_up_resnets", 3e-3)
+    preset = script.parse_args(["--dataset_name", "fashion_mnist", *out])  # its recommended base is the far prior
+    assert (preset.trainable_scope, preset.learning_rate) == ("attention_up_resnets", 3e-3)
+    same_folder = script.parse_args(["--pretrained_model_name_or_path", GENERAL_PUBLIC_MODEL + "/", *out])
+    assert same_folder.trainable_scope == "attention_up_resnets"
+    close_base = ["--pretrained_model_name_or_path", DEFAULT_PUBLIC_MODEL]
+    for close in (script.parse_args(out), script.parse_args(close_base)):
+        assert (close.trainable_scope, close.learning_rate) == (None, 1e-3)
+    told = ["--pretrained_model_name_or_path", GENERAL_PUBLIC_MODEL, "--learning_rate", "1e-4"]
+    told = script.parse_args([*told, "--trainable_scope", "full"])
+    assert (told.trainable_scope, told.learning_rate) == ("full", 1e-4)
+    for own in (["--use_lora"], ["--attention_layers", "3-7"], ["--target_modules", "to_q"]):
+        args = script.parse_args(["--pretrained_model_name_or_path", GENERAL_PUBLIC_MODEL, *own])
+        assert args.trainable_scope is None and args.learning_rate == 3e-3, own
+
+
 def test_a_preset_base_missing_offline_fails_fast_with_the_way_out(tmp_path, capsys):
     """The headline usage without Hub access: one line naming the preset's public base, why, and the local way."""
     argv = ["--dataset_name", "celeba", "--epsilon", "10", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]

@@ -82,7 +82,12 @@ def main() -> None:
     p.add_argument("--train_batch_size", type=int, default=2048)
     p.add_argument("--max_physical_batch_size", type=int, default=256)
     p.add_argument("--num_train_epochs", type=float, default=10)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Default: train_dp_ldm.py's (1e-3; 3e-3 from the domain-general prior).",
+    )
     p.add_argument("--max_grad_norm", type=float, default=1e-3)
     p.add_argument("--noise_multiplicity", type=int, default=1)
     p.add_argument("--attention_layers", default=None)
@@ -159,8 +164,6 @@ def main() -> None:
         str(args.max_physical_batch_size),
         "--num_train_epochs",
         str(args.num_train_epochs),
-        "--learning_rate",
-        str(args.learning_rate),
         "--lr_scheduler",
         args.lr_scheduler,
         "--max_grad_norm",
@@ -185,6 +188,8 @@ def main() -> None:
         finetune += ["--attention_layers", args.attention_layers]
     if args.trainable_scope:
         finetune += ["--trainable_scope", args.trainable_scope]
+    if args.learning_rate is not None:
+        finetune += ["--learning_rate", str(args.learning_rate)]
     if args.use_lora:
         finetune += ["--use_lora"] + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
     stats_path = REPO / out / "finetune_stats.json"
@@ -261,6 +266,7 @@ def main() -> None:
         "trained_modules": privacy.get("trained_modules"),
         "trainable_parameters": privacy.get("trainable_parameters"),
         "trainable_scope": args.trainable_scope,
+        "learning_rate": args.learning_rate,
         "use_lora": args.use_lora,
         "disable_dp": args.disable_dp,
         "noise_multiplicity": privacy.get("noise_multiplicity"),
@@ -283,7 +289,7 @@ def main() -> None:
     trained_with = REPO / model_dir / "training_args.json"
     if not args.public_only and trained_with.is_file():  # what trained, as the fine-tune ran (also for --model_from)
         ran = json.loads(trained_with.read_text())
-        record.update({k: ran.get(k) for k in ("trainable_scope", "use_lora", "attention_layers")})
+        record.update({k: ran.get(k) for k in ("trainable_scope", "use_lora", "attention_layers", "learning_rate")})
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     results = [r for r in results if r.get("name") != args.name] + [record]
