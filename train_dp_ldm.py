@@ -430,12 +430,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pretrained_model_name_or_path, args.dataset_name
     )
     args.recommended_base = recommended  # why the preset's base was chosen, for error messages (not saved)
-    defaults = fine_tune_defaults(args.pretrained_model_name_or_path)  # what trains and how fast from this base
-    if args.learning_rate is None:
-        args.learning_rate = defaults.learning_rate
     chooses_modules = args.attention_layers or args.target_modules or args.use_lora
-    if args.trainable_scope is None and not chooses_modules:
-        args.trainable_scope = defaults.trainable_scope
+    if args.learning_rate is None or (args.trainable_scope is None and not chooses_modules):
+        # What trains and how fast from this base: its pretraining.json's recommendation, else the paper's.
+        defaults = fine_tune_defaults(args.pretrained_model_name_or_path)
+        if args.learning_rate is None:
+            args.learning_rate = defaults.learning_rate
+        if args.trainable_scope is None and not chooses_modules:
+            args.trainable_scope = defaults.trainable_scope
     if recommended is not None and recommended.label_map and args.label_map is None:
         args.label_map = recommended.label_map  # the preset's documented mapping onto the base's classes
     until_budget = args.noise_multiplier is not None and args.epsilon is not None and not args.disable_dp

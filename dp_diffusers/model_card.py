@@ -5,6 +5,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .privacy.accounting import format_epsilon
+from .trainable import SCOPE_DESCRIPTIONS
 
 
 def _base_model(path: str | None) -> tuple[str | None, str]:
@@ -41,8 +42,7 @@ A class-conditional latent diffusion model (`DPLDMPipeline` of
 **Not differentially private, and it does not need to be:** it was trained on public data only:
 {{ public_data }}.
 It is a public starting point for private fine-tuning with `train_dp_ldm.py`, which trains only part of it with
-DP-SGD: by default its attention blocks and class embedder, and from the domain-general prior (`public-procedural`,
-far from any private data) also its up path's ResNet blocks, at a higher learning rate.
+DP-SGD. {{ fine_tune }}
 
 ## Training
 {{ training }}
@@ -71,8 +71,10 @@ def public_model_card(
     repo_or_path: str,
     datasets: list[str] | None = None,
     grid: str | None = None,
+    fine_tune: dict | None = None,
 ) -> ModelCard:
-    """The card of a model pre-trained on public data (``examples/pretrain_public_ldm.py``)."""
+    """The card of a model pre-trained on public data (``examples/pretrain_public_ldm.py``). ``fine_tune``: its
+    pretraining.json's ``fine_tune_defaults`` (what ``train_dp_ldm.py`` trains from it unless told), if any."""
     data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
@@ -90,6 +92,21 @@ def public_model_card(
         parameters=params,
         repo_or_path=repo_or_path,
         grid=grid,
+        fine_tune=_fine_tune_sentence(fine_tune),
+    )
+
+
+def _fine_tune_sentence(fine_tune: dict | None) -> str:
+    if not fine_tune:
+        return (
+            "Unless told otherwise, it trains the attention blocks and the class embedder (the paper's choice) at "
+            "learning rate 1e-3."
+        )
+    scope = fine_tune.get("trainable_scope")
+    what = f"{SCOPE_DESCRIPTIONS[scope]} (`--trainable_scope {scope}`)" if scope else "the attention blocks"
+    return (
+        f"Unless told otherwise, it trains {what} and the class embedder at learning rate "
+        f"{fine_tune['learning_rate']:g}, as this model's `pretraining.json` (`fine_tune_defaults`) recommends."
     )
 
 

@@ -36,10 +36,12 @@ from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
 from dp_diffusers.atomic import atomic_directory
 from dp_diffusers.data import as_torch_dataset, load_image_dataset
 from dp_diffusers.errors import cli_message
+from dp_diffusers.families.presets import PAPER_FINE_TUNE
 from dp_diffusers.grids import pipeline_class_grid
 from dp_diffusers.model_card import public_model_card
 from dp_diffusers.models.configs import TINY, LDMConfig, build_class_conditional_ldm
 from dp_diffusers.runtime import multi_process_cpu
+from dp_diffusers.trainable import SCOPES
 
 logger = get_logger(__name__)
 
@@ -95,10 +97,38 @@ def parse_args(argv=None):
     p.add_argument("--num_grid_per_class", type=int, default=8)
     p.add_argument("--resume", action="store_true", help="Reuse finished stages found under OUTPUT_DIR/_stages.")
     p.add_argument("--logging_steps", type=int, default=50)
+    rec = p.add_argument_group(
+        "fine-tuning recommendation",
+        "Written to pretraining.json (fine_tune_defaults) and the card: what train_dp_ldm.py trains from this model, "
+        "and how fast, when its user does not say. Unset: the paper's (the attention blocks, 1e-3).",
+    )
+    rec.add_argument(
+        "--fine_tune_trainable_scope",
+        default=None,
+        choices=SCOPES,
+        help="train_dp_ldm.py's default --trainable_scope from this model (e.g. attention_up_resnets for a prior far "
+        "from the private data).",
+    )
+    rec.add_argument(
+        "--fine_tune_learning_rate",
+        type=float,
+        default=None,
+        help="train_dp_ldm.py's default --learning_rate from this model (default with a scope: 1e-3).",
+    )
     args = p.parse_args(argv)
     if args.resolution % 4:
         p.error(f"--resolution must be a multiple of 4, got {args.resolution}.")
+    if args.fine_tune_learning_rate is not None and not 0 < args.fine_tune_learning_rate < float("inf"):
+        p.error(f"--fine_tune_learning_rate must be a positive number, got {args.fine_tune_learning_rate}.")
     return args
+
+
+def fine_tune_recommendation(args) -> dict | None:
+    """pretraining.json's ``fine_tune_defaults`` (read by ``dp_diffusers.families.fine_tune_defaults``), or None."""
+    if args.fine_tune_trainable_scope is None and args.fine_tune_learning_rate is None:
+        return None
+    rate = args.fine_tune_learning_rate if args.fine_tune_learning_rate is not None else PAPER_FINE_TUNE.learning_rate
+    return {"trainable_scope": args.fine_tune_trainable_scope, "learning_rate": rate}
 
 
 def infinite(loader):
@@ -281,6 +311,7 @@ def main(args) -> None:
     }
     timings["total_seconds"] = round(time.time() - started, 1)
     command = "accelerate launch examples/pretrain_public_ldm.py " + " ".join(sys.argv[1:])
+    recommendation = fine_tune_recommendation(args)
     with atomic_directory(output_dir) as tmp:
         pipe.save_pretrained(tmp)
         pipeline_class_grid(pipe, per_class=args.num_grid_per_class, seed=args.seed).save(tmp / "samples.png")
@@ -298,6 +329,7 @@ def main(args) -> None:
             repo_or_path=str(output_dir),
             grid="samples.png",
             datasets=[loaded.preset.hub_id] if loaded.preset is not None and loaded.preset.hub_id else None,
+            fine_tune=recommendation,
         ).save(tmp / "README.md")
         (tmp / "pretraining.json").write_text(
             json.dumps(
@@ -308,6 +340,7 @@ def main(args) -> None:
                     "timings": timings,
                     "diffusion_loss": losses,
                     "command": command,
+                    **({"fine_tune_defaults": recommendation} if recommendation else {}),
                 },
                 indent=2,
             )

@@ -552,3 +552,27 @@ def test_a_local_base_pretrained_on_the_private_data_is_refused(tmp_path):
 
     with pytest.raises(UserInputError, match="printed_digits is the public pre-training data"):
         resolve_base_model(None, "printed_digits")
+
+
+def test_a_hub_base_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A prior published on the Hub keeps its pre-training data and its fine-tuning recommendation once downloaded
+    (pretraining.json in the Hub cache); a base never downloaded gets the paper's defaults, with no network call."""
+    from huggingface_hub import constants
+
+    from dp_diffusers.families import FineTuneDefaults, check_base_model, fine_tune_defaults, known_base
+    from dp_diffusers.families.presets import PAPER_FINE_TUNE
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--their-prior"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    recommended = {"trainable_scope": "full", "learning_rate": 5e-4}
+    info = {"public_data": "ylecun/mnist (train)", "fine_tune_defaults": recommended}
+    (snapshot / "pretraining.json").write_text(json.dumps(info))
+    assert fine_tune_defaults("someone/their-prior") == FineTuneDefaults("full", 5e-4)
+    with pytest.raises(UserInputError, match="ylecun/mnist"):  # and it saw MNIST: refused for private MNIST
+        check_base_model("someone/their-prior", "mnist")
+    assert fine_tune_defaults("someone/never-downloaded") == PAPER_FINE_TUNE
+    assert known_base("someone/never-downloaded") is None

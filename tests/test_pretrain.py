@@ -8,6 +8,7 @@ from conftest import REPO
 
 import dp_diffusers
 from dp_diffusers import DPLDMPipeline
+from dp_diffusers.families import FineTuneDefaults, fine_tune_defaults
 
 
 def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
@@ -33,6 +34,10 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
         str(out),
         "--logging_steps",
         "1000",
+        "--fine_tune_trainable_scope",
+        "full",
+        "--fine_tune_learning_rate",
+        "2e-3",
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     info = json.loads((out / "pretraining.json").read_text())
@@ -40,6 +45,10 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
     assert "printed digits" in info["public_data"]
     card = (out / "README.md").read_text()
     assert "printed digits" in card and "public" in card.lower() and (out / "samples.png").is_file()
+    # The recommendation travels with the model: train_dp_ldm.py's defaults from it, and the card says them.
+    assert info["fine_tune_defaults"] == {"trainable_scope": "full", "learning_rate": 2e-3}
+    assert fine_tune_defaults(str(out)) == FineTuneDefaults(trainable_scope="full", learning_rate=2e-3)
+    assert "every denoiser parameter (`--trainable_scope full`)" in card and "learning rate 0.002" in card
     pipe = DPLDMPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor != 1.0  # the latent scale was measured
     assert not any(p.name.startswith(".public") for p in tmp_path.iterdir())  # stage folders removed

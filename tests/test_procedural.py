@@ -105,3 +105,17 @@ def test_the_general_prior_is_shipped_digit_free_and_small():
     assert list(pipe.id2label.values()) == list(PROCEDURAL_CLASSES)
     images = pipe(class_labels=[0, "stroke"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert [im.size for im in images.images] == [(28, 28), (28, 28)]
+
+
+def test_the_general_prior_carries_its_measured_fine_tuning_recommendation():
+    """The far prior's defaults (chosen on the MNIST proxy) are in its own pretraining.json and on its card."""
+    from pathlib import Path
+
+    from dp_diffusers import DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL
+    from dp_diffusers.families import fine_tune_defaults
+    from dp_diffusers.families.presets import FAR_PRIOR_FINE_TUNE, PAPER_FINE_TUNE
+
+    assert fine_tune_defaults(GENERAL_PUBLIC_MODEL) == FAR_PRIOR_FINE_TUNE
+    assert fine_tune_defaults(DEFAULT_PUBLIC_MODEL) == PAPER_FINE_TUNE
+    card = (Path(GENERAL_PUBLIC_MODEL) / "README.md").read_text()
+    assert "(`--trainable_scope attention_up_resnets`)" in card and "learning rate 0.003" in card

@@ -28,6 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dp_diffusers.errors import UserInputError
 from dp_diffusers.privacy import format_epsilon
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -691,6 +692,19 @@ def test_the_domain_general_prior_trains_more_and_faster_unless_told(script, tmp
     for own in (["--use_lora"], ["--attention_layers", "3-7"], ["--target_modules", "to_q"]):
         args = script.parse_args(["--pretrained_model_name_or_path", GENERAL_PUBLIC_MODEL, *own])
         assert args.trainable_scope is None and args.learning_rate == 3e-3, own
+    # The recommendation lives in the prior's pretraining.json, so a copy elsewhere keeps it ...
+    copy = tmp_path / "my-copy-of-the-prior"
+    shutil.copytree(GENERAL_PUBLIC_MODEL, copy)
+    moved = script.parse_args(["--pretrained_model_name_or_path", str(copy), *out])
+    assert (moved.trainable_scope, moved.learning_rate) == ("attention_up_resnets", 3e-3)
+    # ... and a broken one is a one-line error, unless the user sets both values themselves.
+    info = json.loads((copy / "pretraining.json").read_text())
+    info["fine_tune_defaults"] = {"trainable_scope": "everything", "learning_rate": 3e-3}
+    (copy / "pretraining.json").write_text(json.dumps(info))
+    with pytest.raises(UserInputError, match="fine_tune_defaults must be"):
+        script.parse_args(["--pretrained_model_name_or_path", str(copy), *out])
+    mine = ["--trainable_scope", "attention_blocks", "--learning_rate", "1e-3"]
+    assert script.parse_args(["--pretrained_model_name_or_path", str(copy), *mine, *out]).learning_rate == 1e-3
 
 
 def test_a_preset_base_missing_offline_fails_fast_with_the_way_out(tmp_path, capsys):

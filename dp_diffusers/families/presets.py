@@ -16,9 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from .. import DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL
 from ..data import PRESETS
 from ..errors import UserInputError
+from ..trainable import SCOPES
 
 
 @dataclass(frozen=True)
@@ -144,26 +147,41 @@ def _same_path(a: str, b: str) -> bool:
         return False
 
 
+def pretraining_info(name_or_path: str) -> dict | None:
+    """A base's ``pretraining.json`` (written by ``examples/pretrain_public_ldm.py``): from a local folder, or from
+    the local Hub cache for a Hub id (never from the network). None where there is none, or it is not a JSON object."""
+    name = str(name_or_path)
+    info = Path(name) / "pretraining.json"
+    if not info.is_file():
+        try:  # a Hub id downloaded earlier; an invalid id or a missing file is simply "none"
+            cached = try_to_load_from_cache(name.strip().rstrip("/"), "pretraining.json")
+        except (ValueError, OSError):
+            return None
+        if not isinstance(cached, str):
+            return None
+        info = Path(cached)
+    try:
+        found = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def known_base(name_or_path: str) -> KnownBase | None:
-    """What a base model was pre-trained on: the table for Hub ids, the shipped model, or a local folder's
-    ``pretraining.json`` (written by ``examples/pretrain_public_ldm.py``)."""
+    """What a base model was pre-trained on: the table for Hub ids, the shipped model, or the base's
+    ``pretraining.json`` (see ``pretraining_info``)."""
     name = str(name_or_path)
     if _same_path(name, DEFAULT_PUBLIC_MODEL):
         return SHIPPED_BASE
     found = KNOWN_BASES.get(name.strip().rstrip("/").lower())
     if found is not None:
         return found
-    info = Path(name) / "pretraining.json"
-    if info.is_file():
-        try:
-            public = json.loads(info.read_text()).get("public_data")
-        except (OSError, ValueError):
-            return None
-        if public:
-            keys = {key for alias, key in _DATA_KEYS.items() if _mentions(str(public), alias)}
-            if "printed digits" in str(public).lower():
-                keys.add("printed_digits")
-            return KnownBase(str(public), frozenset(keys))
+    public = (pretraining_info(name) or {}).get("public_data")
+    if public:
+        keys = {key for alias, key in _DATA_KEYS.items() if _mentions(str(public), alias)}
+        if "printed digits" in str(public).lower():
+            keys.add("printed_digits")
+        return KnownBase(str(public), frozenset(keys))
     return None
 
 
@@ -197,7 +215,7 @@ class FineTuneDefaults:
     learning_rate: float
 
 
-#: The paper's settings: every base but the domain-general prior starts here.
+#: The paper's settings: a base whose ``pretraining.json`` recommends nothing starts here.
 PAPER_FINE_TUNE = FineTuneDefaults(
     trainable_scope=None,
     learning_rate=1e-3,
@@ -206,7 +224,8 @@ PAPER_FINE_TUNE = FineTuneDefaults(
 #: From the domain-general prior (it never saw the user's kind of image) the denoiser must move further, so more of it
 #: trains, faster. Chosen on the MNIST proxy (benchmarks/mnist/README.md, epsilon 10, 5 epochs, 10,000 samples): the
 #: attention blocks at 1e-3 scored 53.76, the whole denoiser at 1e-3 55.46, attention + up-path ResNets at 3e-3 79.47
-#: (92.12 after 20 epochs).
+#: (92.12 after 20 epochs). The shipped prior's ``pretraining.json`` carries it (``fine_tune_defaults``), so a copy of
+#: the prior, local or on the Hub, keeps it.
 FAR_PRIOR_FINE_TUNE = FineTuneDefaults(
     trainable_scope="attention_up_resnets",
     learning_rate=3e-3,
@@ -214,10 +233,22 @@ FAR_PRIOR_FINE_TUNE = FineTuneDefaults(
 
 
 def fine_tune_defaults(base: str) -> FineTuneDefaults:
-    """The defaults for a run that starts from ``base`` (a Hub id or a folder)."""
-    if _same_path(str(base), GENERAL_PUBLIC_MODEL):
-        return FAR_PRIOR_FINE_TUNE
-    return PAPER_FINE_TUNE
+    """The defaults for a run that starts from ``base`` (a Hub id or a folder): what the base's ``pretraining.json``
+    recommends (``"fine_tune_defaults": {"trainable_scope": ..., "learning_rate": ...}``, written by
+    ``examples/pretrain_public_ldm.py --fine_tune_trainable_scope/--fine_tune_learning_rate``), else the paper's."""
+    recommended = (pretraining_info(base) or {}).get("fine_tune_defaults")
+    if recommended is None:
+        return PAPER_FINE_TUNE
+    scope = recommended.get("trainable_scope") if isinstance(recommended, dict) else None
+    rate = recommended.get("learning_rate", PAPER_FINE_TUNE.learning_rate) if isinstance(recommended, dict) else None
+    valid_rate = isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < float("inf")
+    if not valid_rate or (scope is not None and scope not in SCOPES):
+        raise UserInputError(
+            f'{base}: pretraining.json\'s fine_tune_defaults must be {{"trainable_scope": one of {", ".join(SCOPES)} '
+            f'or null, "learning_rate": a positive number}}, got {recommended!r}: fix the file, or pass '
+            "`trainable_scope` and `learning_rate` yourself."
+        )
+    return FineTuneDefaults(trainable_scope=scope, learning_rate=float(rate))
 
 
 def resolve_base_model(base: str | None, dataset_name: str | None) -> tuple[str, PublicBase | None]:
