@@ -123,13 +123,19 @@ def main() -> None:
         help="Evaluate the fine-tuned model of this earlier run, or of this model folder (e.g. a committed "
         "benchmarks/mnist/models/<run>), with no new fine-tune.",
     )
+    p.add_argument(
+        "--samples_of",
+        default=None,
+        help="Re-evaluate the committed samples of this earlier run (benchmarks/mnist/samples/<run>.npz) with no "
+        "fine-tune and no sampling; the record takes the run's privacy and training fields from its own record.",
+    )
     p.add_argument("--eval_epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=None, help="OMP/torch threads (1 is best on a shared machine).")
     p.add_argument("--stop_after", choices=["finetune", "evaluate", "record"], default="record")
     p.add_argument("--results", default=str(HERE / "results.json"))
     args = p.parse_args()
-    if args.epsilon is None and not (args.public_only or args.disable_dp):
+    if args.epsilon is None and not (args.public_only or args.disable_dp or args.samples_of):
         p.error("--epsilon is required (unless --public_only or --disable_dp)")
     if args.disable_dp and args.epsilon is not None:
         p.error("--disable_dp trains without privacy: drop --epsilon.")
@@ -143,6 +149,11 @@ def main() -> None:
         from dp_diffusers import DEFAULT_PUBLIC_MODEL
 
         model_dir = Path(os.path.relpath(args.public_model or DEFAULT_PUBLIC_MODEL, REPO))
+    elif args.samples_of:
+        samples_file = HERE / "samples" / f"{args.samples_of}.npz"
+        earlier = [r for r in load_results(args.results) if r.get("name") == args.samples_of]
+        if not samples_file.is_file() or not earlier:
+            sys.exit(f"error: --samples_of {args.samples_of}: needs {samples_file} and its record in {args.results}.")
     elif args.model_from:
         given = Path(args.model_from).resolve()
         model_dir = Path(os.path.relpath(given, REPO)) if given.is_dir() else out.parent / args.model_from / "model"
@@ -193,6 +204,8 @@ def main() -> None:
     if args.use_lora:
         finetune += ["--use_lora"] + (["--lora_rank", str(args.lora_rank)] if args.lora_rank else [])
     stats_path = REPO / out / "finetune_stats.json"
+    if args.samples_of:
+        return record_samples_of(args, samples_file, earlier[0], eval_dir, env)
     if not args.public_only and not (REPO / model_dir / "privacy.json").is_file():
         resumed = (REPO / model_dir).is_dir()
         run(finetune, env)
@@ -290,11 +303,49 @@ def main() -> None:
     if not args.public_only and trained_with.is_file():  # what trained, as the fine-tune ran (also for --model_from)
         ran = json.loads(trained_with.read_text())
         record.update({k: ran.get(k) for k in ("trainable_scope", "use_lora", "attention_layers", "learning_rate")})
-    results_path = Path(args.results)
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
-    results = [r for r in results if r.get("name") != args.name] + [record]
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.results, record)
+
+
+def load_results(path: str) -> list[dict]:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else []
+
+
+def write_record(path: str, record: dict) -> None:
+    results = [r for r in load_results(path) if r.get("name") != record["name"]] + [record]
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def record_samples_of(args, samples_file: Path, earlier: dict, eval_dir: Path, env: dict) -> None:
+    """--samples_of: the same classifier protocol on an earlier run's committed samples (post-processing only)."""
+    evaluate = [sys.executable, "examples/evaluate.py", "--samples", str(samples_file.relative_to(REPO))]
+    evaluate += ["--real_test", args.mnist, "--output_dir", str(eval_dir), "--epochs", str(args.eval_epochs)]
+    evaluate += ["--seeds", *map(str, args.seeds)] + (["--num_threads", str(args.threads)] if args.threads else [])
+    if not (REPO / eval_dir / "metrics.json").is_file():
+        run(evaluate, env)
+    if args.stop_after == "evaluate":
+        return
+    metrics = json.loads((REPO / eval_dir / "metrics.json").read_text())
+    import numpy as np
+
+    with np.load(samples_file) as data:
+        count = int(len(data["y"]))
+    measured = ("accuracy_mean", "accuracy_std", "classifier", "seeds", "fid_inception", "fd_classifier")
+    record = {
+        **earlier,  # what ran to make the samples: privacy, training, sampler, fine-tune time
+        "name": args.name,
+        **{k: metrics.get(k) for k in measured},
+        "samples_of": args.samples_of,
+        "num_samples": count,
+        "evaluation_seconds": metrics.get("seconds"),
+        "sampling_seconds": None,  # the samples were drawn by the earlier run's evaluation
+        "evaluation_hardware": hardware(),  # "hardware" stays the earlier run's (its fine-tune time)
+        "samples_file": str(samples_file.relative_to(REPO)),
+        "command": shlex.join(evaluate[1:]),
+        "benchmark_command": shlex.join(["python", "benchmarks/mnist/run.py", *sys.argv[1:]]),
+    }
+    record.pop("repeat_note", None)
+    write_record(args.results, record)
 
 
 if __name__ == "__main__":
