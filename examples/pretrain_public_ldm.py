@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--dataset_name",
         default="printed_digits",
-        help="PUBLIC data: a preset (printed_digits, procedural, ...), a Hub id, a local folder or parquet file.",
+        help="PUBLIC data: a preset (printed_digits, drawn_digits, procedural, ...), a Hub id, a local folder or "
+        "parquet file.",
     )
     p.add_argument("--dataset_split", default="train")
     p.add_argument("--image_column", default=None, help="Image column (default: the preset's or 'image').")
@@ -71,7 +72,7 @@ def parse_args(argv=None):
         "--num_printed_digits",
         type=int,
         default=20000,
-        help="Images to generate for the generated presets (printed_digits, procedural).",
+        help="Images to generate for the generated presets (printed_digits, drawn_digits, procedural).",
     )
     p.add_argument("--resolution", type=int, default=28, help="Image side, a multiple of 4.")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 = grayscale, 3 = RGB.")

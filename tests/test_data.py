@@ -23,9 +23,12 @@ from dp_diffusers.data import (
     image_transform,
     load_image_dataset,
     load_sklearn_digits,
+    make_drawn_digits,
     make_printed_digits,
     render_digit,
+    render_drawn_digit,
 )
+from dp_diffusers.data.drawn_digits import draw_strokes, elastic_distortion
 from dp_diffusers.data.printed_digits import _image_rng
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
@@ -116,6 +119,76 @@ def test_every_font_draws_real_digits(printed_digit_classifier):
         images = [render_digit(int(d), rng=_image_rng(7, i), font=font) for i, d in enumerate(labels)]
         accuracy = printed_digit_classifier.score(_pixels(images), labels)
         assert accuracy >= 0.75, f"{Path(font).name}: {accuracy:.2f}"
+
+
+# ---------------------------------------------------------------- drawn digits
+
+
+def test_drawn_digits_deterministic_balanced_and_mnist_framed():
+    a, b = make_drawn_digits(40, seed=0), make_drawn_digits(40, seed=0)
+    prefix, other = make_drawn_digits(15, seed=0), make_drawn_digits(40, seed=1)
+    data = [np.asarray(im) for im in a["image"]]
+    assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(data, b["image"], strict=True))
+    assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(data[:15], prefix["image"], strict=True))
+    assert not any(np.array_equal(x, np.asarray(y)) for x, y in zip(data, other["image"], strict=True))
+    assert a.features["label"].names == [str(d) for d in range(10)]
+    assert np.bincount(a["label"], minlength=10).tolist() == [4] * 10
+    pixels = np.stack(data).astype(np.float32)
+    assert pixels.shape == (40, 28, 28) and (pixels.max(axis=(1, 2)) > 150).all()  # white ink on black
+    assert pixels[:, :2].mean() < 30 and pixels[:, -2:].mean() < 30  # MNIST's margin
+    ys, xs = np.indices((28, 28))
+    com = np.stack([(pixels * ys).sum((1, 2)), (pixels * xs).sum((1, 2))], 1) / pixels.sum((1, 2))[:, None]
+    assert np.abs(com - 13.5).max() < 3.5  # centred by mass, as MNIST
+    with pytest.raises(ValueError):
+        render_drawn_digit(10, rng=np.random.default_rng(0))
+
+
+def test_elastic_distortion_moves_ink_but_keeps_it():
+    image = render_digit(8, rng=np.random.default_rng(0))
+    assert np.array_equal(np.asarray(elastic_distortion(image, rng=np.random.default_rng(0), alpha=0.0, sigma=3.0)),
+                          np.asarray(image))  # fmt: skip
+    moved = np.asarray(elastic_distortion(image, rng=np.random.default_rng(0), alpha=12.0, sigma=3.0), np.float32)
+    still = np.asarray(image, np.float32)
+    assert np.abs(moved - still).mean() > 1.0  # the strokes moved ...
+    assert abs(moved.sum() - still.sum()) / still.sum() < 0.1  # ... and the ink stayed (no tearing, no loss)
+
+
+def test_every_stroke_template_reads_as_its_digit(printed_digit_classifier):
+    """The pen-stroke templates draw the digit they are labelled with: the printed-digit judge reads each digit's
+    strokes as that digit (a wrong template reads as another digit, near 0; the open "4", which no font draws,
+    halves digit 4's score)."""
+    from dp_diffusers.data.printed_digits import centre_in_frame
+
+    frame = np.random.default_rng(0)
+    for digit in range(10):
+        images = [
+            centre_in_frame(
+                draw_strokes(digit, rng=np.random.default_rng([3, digit, i])),
+                rng=frame,
+                image_size=28,
+                box=(19.0, 19.0),
+            )  # fmt: skip
+            for i in range(30)
+        ]
+        accuracy = printed_digit_classifier.score(_pixels(images), np.full(30, digit))
+        assert accuracy >= 0.4, f"{digit}: {accuracy:.2f}"
+
+
+@needs_mnist
+def test_drawn_digits_are_closer_to_handwriting_than_printed_ones():
+    """What the set is for: a classifier trained on drawn digits reads real handwriting (MNIST test) better than one
+    trained on as many printed digits (measured: 72% against 62%, 3,000 images each, 2,000 MNIST digits)."""
+    from sklearn.svm import SVC
+
+    test = pq.read_table(MNIST_DIR / "test.parquet").slice(0, 2000).to_pylist()
+    x_real = _pixels([Image.open(io.BytesIO(row["image"]["bytes"])) for row in test])
+    y_real = np.asarray([row["label"] for row in test])
+    scores = {}
+    for name, make in (("printed", make_printed_digits), ("drawn", make_drawn_digits)):
+        train = make(3000, seed=11)
+        judge = SVC(C=10.0).fit(_pixels(train["image"]), np.asarray(train["label"]))
+        scores[name] = judge.score(x_real, y_real)
+    assert scores["drawn"] >= scores["printed"] + 0.05, scores
 
 
 # ---------------------------------------------------------------- sklearn digits
@@ -213,6 +286,9 @@ def test_load_embedded_sets():
     assert len(printed.dataset) == 20 and printed.preset is PRESETS["printed_digits"]
     expected = make_printed_digits(1, seed=5)[0]["image"]
     assert np.array_equal(np.asarray(printed.dataset[0]["image"]), np.asarray(expected))
+    drawn = load_image_dataset("drawn_digits", num_generated_images=20, seed=5)
+    assert len(drawn.dataset) == 20 and drawn.preset is PRESETS["drawn_digits"] and "drawn digits" in drawn.source
+    assert np.array_equal(np.asarray(drawn.dataset[3]["image"]), np.asarray(make_drawn_digits(4, seed=5)[3]["image"]))
     with pytest.raises(UserInputError, match="`split`"):
         load_image_dataset("digits", split="test")
 

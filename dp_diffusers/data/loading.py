@@ -189,8 +189,9 @@ def load_image_dataset(
     """Loads an image data set by preset name, local path or Hub id; never touches the network for local data.
 
     - ``None`` or ``"digits"``: scikit-learn's embedded handwritten digits (the default private data).
-    - ``"printed_digits"`` or ``"procedural"``: ``num_generated_images`` generated public images (rendered digits;
-      shapes, strokes, textures and glyphs without digits), generated with ``seed``.
+    - ``"printed_digits"``, ``"drawn_digits"`` or ``"procedural"``: ``num_generated_images`` generated public images
+      (rendered digits; digits drawn as pen strokes; shapes, strokes, textures and glyphs without digits), generated
+      with ``seed``.
     - a preset name (see ``PRESETS``): ``datasets.load_dataset(preset.hub_id, split=split)``.
     - a local folder: its parquet files (searched recursively; files or folders named after splits, e.g.
       ``train-*.parquet`` or ``test/``, select ``split``), else an image folder (``imagefolder``, one subfolder per

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import UserInputError, first_line
+from .drawn_digits import make_drawn_digits
 from .printed_digits import make_printed_digits
 from .procedural import make_procedural_images
 from .sklearn_digits import load_sklearn_digits
@@ -19,7 +20,8 @@ from .sklearn_digits import load_sklearn_digits
 class DatasetPreset:
     """A named data set: where it lives and how to read it.
 
-    ``hub_id`` is ``None`` for the embedded and generated sets (``digits``, ``printed_digits``, ``procedural``).
+    ``hub_id`` is ``None`` for the embedded and generated sets (``digits``, ``printed_digits``, ``drawn_digits``,
+    ``procedural``).
     ``label_column`` is ``None`` for unconditional data. ``class_names`` names the label ids of a column that is not a
     ``ClassLabel`` (e.g. a boolean attribute); ``None`` keeps the column's own names.
     """
@@ -55,6 +57,16 @@ PRESETS: dict[str, DatasetPreset] = {
             resolution=28,
             channels=1,
             description="digits rendered from matplotlib's fonts, MNIST-style (generated, public; stands in for SVHN)",
+        ),
+        DatasetPreset(
+            name="drawn_digits",
+            hub_id=None,
+            image_column="image",
+            label_column="label",
+            resolution=28,
+            channels=1,
+            description="digits drawn by code as jittered pen strokes (and some printed ones), elastically distorted, "
+            "MNIST-style (generated, public; closer to handwriting than printed_digits)",
         ),
         DatasetPreset(
             name="procedural",
@@ -117,7 +129,7 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 #: The embedded and generated presets (no Hub id).
-_GENERATED = ("digits", "printed_digits", "procedural")
+_GENERATED = ("digits", "printed_digits", "drawn_digits", "procedural")
 
 
 def _presets_list() -> str:
@@ -191,6 +203,14 @@ def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: in
         return (
             dataset,
             f"procedural shapes (drawn by code, digit-free, {num_generated_images} images, seed {seed})",
+            preset,
+        )
+    if preset.name == "drawn_digits":
+        dataset = make_drawn_digits(num_generated_images, seed=seed)
+        return (
+            dataset,
+            f"drawn digits (pen strokes drawn by code and printed digits rendered from matplotlib's fonts, "
+            f"elastically distorted, {num_generated_images} images, seed {seed})",
             preset,
         )
     dataset = make_printed_digits(num_generated_images, seed=seed)

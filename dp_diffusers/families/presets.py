@@ -179,8 +179,9 @@ def known_base(name_or_path: str) -> KnownBase | None:
     public = (pretraining_info(name) or {}).get("public_data")
     if public:
         keys = {key for alias, key in _DATA_KEYS.items() if _mentions(str(public), alias)}
-        if "printed digits" in str(public).lower():
-            keys.add("printed_digits")
+        for words in ("printed digits", "drawn digits"):
+            if words in str(public).lower():
+                keys.add(words.replace(" ", "_"))
         return KnownBase(str(public), frozenset(keys))
     return None
 
