@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention_blocks: whole attention blocks (the paper); attention_projections: only their "
         "q/k/v/out projections (the default, and the only choice, with --use_lora); attention_up_resnets: the "
         "attention blocks plus the ResNet blocks of the UNet's up (decoder) path; full: every parameter of the "
-        "denoiser. Default: attention_blocks; attention_up_resnets from the domain-general prior "
-        "(dp_diffusers.GENERAL_PUBLIC_MODEL), which must move further.",
+        "denoiser. Default: what the base's pretraining.json recommends (fine_tune_defaults: attention_up_resnets "
+        "for the domain-general prior, dp_diffusers.GENERAL_PUBLIC_MODEL, which must move further), else "
+        "attention_blocks.",
     )
     g.add_argument(
         "--attention_layers",
@@ -331,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--learning_rate",
         type=float,
         default=None,
-        help="AdamW learning rate of the trained weights. Default: 1e-3; 3e-3 from the domain-general prior "
-        "(dp_diffusers.GENERAL_PUBLIC_MODEL, far from any private data).",
+        help="AdamW learning rate of the trained weights. Default: what the base's pretraining.json recommends "
+        "(fine_tune_defaults: 3e-3 for the domain-general prior, dp_diffusers.GENERAL_PUBLIC_MODEL, far from any "
+        "private data), else 1e-3.",
     )
     g.add_argument("--lr_scheduler", default="constant", help="diffusers' get_scheduler name, over logical steps.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")

@@ -86,7 +86,7 @@ def main() -> None:
         "--learning_rate",
         type=float,
         default=None,
-        help="Default: train_dp_ldm.py's (1e-3; 3e-3 from the domain-general prior).",
+        help="Default: train_dp_ldm.py's (what the base's pretraining.json recommends, else 1e-3).",
     )
     p.add_argument("--max_grad_norm", type=float, default=1e-3)
     p.add_argument("--noise_multiplicity", type=int, default=1)
