@@ -4,7 +4,7 @@
     accelerate launch train_dp_ldm.py --epsilon=10                      # embedded defaults, a few minutes on a CPU
     accelerate launch train_dp_ldm.py --dataset_name=mnist --epsilon=10 --output_dir=dp-ldm-mnist
 
-A public latent diffusion model (default: the shipped printed-digits model) is fine-tuned on private images with
+A public latent diffusion model (default: the shipped digit model, drawn digits) is fine-tuned on private images with
 DP-SGD (Opacus: Poisson sampling, per-example clipping, Gaussian noise, an accountant). Only the attention blocks and
 the conditioning embedder train; every other weight stays bit-identical. The output folder is a diffusers pipeline
 with ``privacy.json`` and a privacy model card, and can be pushed to the Hub.
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Public base pipeline (folder or Hub id): DPLDMPipeline, StableDiffusionPipeline, DiTPipeline or "
         "LDMPipeline. Default: the --dataset_name preset's recommended public base (one that never saw that data), "
-        "else the shipped printed-digits model (dp_diffusers.DEFAULT_PUBLIC_MODEL).",
+        "else the shipped digit model (dp_diffusers.DEFAULT_PUBLIC_MODEL).",
     )
     g.add_argument(
         "--dataset_name",

@@ -332,7 +332,7 @@ class WhiteBoxConfig:
         metadata={"help": "Norm of each canary gradient. Default: 2 C (clipped to C); 1.0 with disable_dp."},
     )
     pretrained_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Public base (default: the shipped printed-digits model)."}
+        default=None, metadata={"help": "Public base (default: the shipped digit model)."}
     )
     dataset_name: str = field(default="digits", metadata={"help": "Private data (as train_dp_ldm.py)."})
     train_batch_size: int = field(default=256, metadata={"help": "Expected logical batch B."})
@@ -566,7 +566,7 @@ class BlackBoxConfig:
     epsilon: float | None = field(default=10.0, metadata={"help": "--epsilon of the training run."})
     disable_dp: bool = field(default=False, metadata={"help": "Train with --disable_dp (not private)."})
     pretrained_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Public base (default: the shipped printed-digits model)."}
+        default=None, metadata={"help": "Public base (default: the shipped digit model)."}
     )
     train_args: list[str] = field(
         default_factory=list, metadata={"help": "More train_dp_ldm.py arguments (e.g. --num_train_epochs 30)."}

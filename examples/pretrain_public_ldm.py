@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train a public class-conditional latent diffusion model (non-private), in two stages, under Accelerate.
 
-    accelerate launch examples/pretrain_public_ldm.py --dataset_name=printed_digits --output_dir=public-ldm
+    accelerate launch examples/pretrain_public_ldm.py --dataset_name=drawn_digits --output_dir=public-ldm
 
 Stage (a) trains the ``AutoencoderKL`` on images; stage (b) freezes it and trains the ``UNet2DConditionModel`` plus
 the ``ClassEmbedder`` on its latents (DDPM loss, labels dropped to the null class for classifier-free guidance).
@@ -60,9 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--dataset_name",
-        default="printed_digits",
-        help="PUBLIC data: a preset (printed_digits, drawn_digits, procedural, ...), a Hub id, a local folder or "
-        "parquet file.",
+        default="drawn_digits",
+        help="PUBLIC data: a preset (drawn_digits: the shipped digit model's data; printed_digits, procedural, ...), "
+        "a Hub id, a local folder or parquet file.",
     )
     p.add_argument("--dataset_split", default="train")
     p.add_argument("--image_column", default=None, help="Image column (default: the preset's or 'image').")

@@ -522,7 +522,8 @@ def test_presets_recommend_public_bases_that_never_saw_the_data(script):
         check_base_model(recommendation.model, preset)  # never refused
         assert known_base(recommendation.model) is not None  # and its pre-training data is known (for the card)
     assert "ImageNet" in known_base("facebook/DiT-XL-2-256").pretraining_data
-    assert "printed digits" in known_base(DEFAULT_PUBLIC_MODEL).pretraining_data
+    assert "drawn digits" in known_base(DEFAULT_PUBLIC_MODEL).pretraining_data
+    assert known_base(DEFAULT_PUBLIC_MODEL).data_keys == frozenset({"drawn_digits", "printed_digits"})
 
 
 @pytest.mark.parametrize(
@@ -550,8 +551,9 @@ def test_a_local_base_pretrained_on_the_private_data_is_refused(tmp_path):
     check_base_model(str(tmp_path), "fashion_mnist")  # another data set: fine
     from dp_diffusers.families import resolve_base_model
 
-    with pytest.raises(UserInputError, match="printed_digits is the public pre-training data"):
-        resolve_base_model(None, "printed_digits")
+    for public in ("printed_digits", "drawn_digits"):  # the shipped digit model's own pre-training data
+        with pytest.raises(UserInputError, match=f"{public} is the public pre-training data"):
+            resolve_base_model(None, public)
 
 
 def test_a_hub_base_is_read_from_the_local_cache_only(tmp_path, monkeypatch):

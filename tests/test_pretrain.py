@@ -18,7 +18,7 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
         str(REPO / "examples" / "pretrain_public_ldm.py"),
         "--model_size",
         "tiny",
-        "--num_printed_digits",
+        "--num_generated_images",
         "400",
         "--vae_train_steps",
         "30",
@@ -42,9 +42,9 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     info = json.loads((out / "pretraining.json").read_text())
     assert info["diffusion_loss"]["final_loss_ema"] < info["diffusion_loss"]["first_loss"]
-    assert "printed digits" in info["public_data"]
+    assert "drawn digits" in info["public_data"]  # the default data: the shipped digit model's
     card = (out / "README.md").read_text()
-    assert "printed digits" in card and "public" in card.lower() and (out / "samples.png").is_file()
+    assert "drawn digits" in card and "public" in card.lower() and (out / "samples.png").is_file()
     # The recommendation travels with the model: train_dp_ldm.py's defaults from it, and the card says them.
     assert info["fine_tune_defaults"] == {"trainable_scope": "full", "learning_rate": 2e-3}
     assert fine_tune_defaults(str(out)) == FineTuneDefaults(trainable_scope="full", learning_rate=2e-3)

@@ -1,6 +1,6 @@
 """Procedural shapes: a PUBLIC, domain-general image set made by code alone, with no digit in it.
 
-The shipped printed-digits prior only knows digits; users' private images rarely look like them. Pre-training on
+The shipped digit prior only knows digits; users' private images rarely look like them. Pre-training on
 images that a program draws (published practice: DP-SynGen, arXiv 2412.09842, and "learning to see by looking at
 noise", Baradad et al. 2021) gives a prior for whatever the private data are: it has seen strokes, outlines,
 filled silhouettes, textures and the glyphs of many scripts, and no person's data. It holds no digit: no digit

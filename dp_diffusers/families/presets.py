@@ -65,9 +65,11 @@ KNOWN_BASES: dict[str, KnownBase] = {
     "stabilityai/stable-diffusion-2-1-base": _LAION_SD2,
 }
 
-#: The shipped public model (pre-trained on rendered printed digits only).
+#: The shipped public digit model (pre-trained only on digits drawn by code: pen strokes and printed glyphs).
 SHIPPED_BASE = KnownBase(
-    "printed digits rendered from matplotlib's fonts (generated, public)", frozenset({"printed_digits"})
+    "drawn digits: pen strokes drawn by code and printed digits rendered from matplotlib's fonts, elastically "
+    "distorted (generated, public)",
+    frozenset({"drawn_digits", "printed_digits"}),
 )
 
 # ImageNet-1k ids for the CIFAR-10 classes (airplane .. truck): airliner, beach wagon, robin, tabby cat, impala
@@ -90,8 +92,8 @@ RECOMMENDED_BASES: dict[str, PublicBase] = {
         name: PublicBase(
             model=DEFAULT_PUBLIC_MODEL,
             conditioning="class-conditional: the 10 classes, one class embedder row each",
-            reason=f"the shipped model was pre-trained on printed digits only (rendered from fonts), never on {name}; "
-            "it is a small 28x28 grayscale class-conditional LDM, as in the paper's MNIST setting",
+            reason="the shipped model was pre-trained only on digits drawn by code (pen strokes and printed glyphs), "
+            f"never on {name}; it is a small 28x28 grayscale class-conditional LDM, as in the paper's MNIST setting",
         )
         for name in ("digits", "mnist")
     },
@@ -198,9 +200,9 @@ def base_pretraining_data(name_or_path: str) -> str | None:
 def recommended_base(dataset_name: str | None) -> PublicBase | None:
     """The recommended base of a data preset (None for data sets that are not presets)."""
     name = (dataset_name or "digits").strip()
-    if name == "printed_digits":
+    if name in SHIPPED_BASE.data_keys:
         raise UserInputError(
-            "printed_digits is the public pre-training data of the shipped model, not private data: pass "
+            f"{name} is the public pre-training data of the shipped model, not private data: pass "
             "`pretrained_model_name_or_path` with a base that never saw it."
         )
     return RECOMMENDED_BASES.get(name)

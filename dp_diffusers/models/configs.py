@@ -40,7 +40,7 @@ class LDMConfig:
     num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM training timesteps."})
 
 
-#: The layout of the shipped public model (``dp_diffusers/assets/public-printed-digits``): 7 attention blocks.
+#: The layout of the shipped public model (``dp_diffusers/assets/public-drawn-digits``): 7 attention blocks.
 DEFAULT = LDMConfig()
 
 #: The denoiser of the paper's CIFAR-10 model (official config ``imagenet32-conditional`` / ``cifar32-dp-eps10``:
