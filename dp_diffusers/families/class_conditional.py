@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -79,9 +81,11 @@ class ClassConditionalLDM(ModelFamily):
     def usage(self, repo_or_path: str, *, lora: bool = False) -> str:
         load = f'pipe.load_lora_weights("{repo_or_path}")\n' if lora else ""
         names = [name for _, name in sorted(self.embedder.id2label.items())][:4]
+        # json.dumps, not repr: double-quoted (ruff-formatted) Python literals in the card's code block.
         return (
             f'from dp_diffusers import DPLDMPipeline\n\npipe = DPLDMPipeline.from_pretrained("{repo_or_path}")\n'
-            f"{load}print(pipe.id2label)\nimages = pipe(class_labels={names!r}, num_inference_steps=50).images"
+            f"{load}print(pipe.id2label)\n"
+            f"images = pipe(class_labels={json.dumps(names)}, num_inference_steps=50).images"
         )
 
     def encode(
