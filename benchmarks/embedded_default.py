@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How close a pipeline's samples are to the embedded private digits (scikit-learn's), compared with another.
 
-    python benchmarks/embedded_default.py dp_diffusers/assets/public-printed-digits dp-ldm-output
+    python benchmarks/embedded_default.py dp_diffusers/assets/public-drawn-digits dp-ldm-output
     python benchmarks/embedded_default.py dp-ldm-output --guidance_scale 1 2 3   # one reading per scale
     python benchmarks/embedded_default.py PUBLIC PRIVATE --guidance_scale 2 --grid_dir docs/images  # + README grids
 

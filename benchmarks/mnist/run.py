@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Private MNIST from public printed digits, end to end, resumable stage by stage.
+"""Private MNIST from a public digit prior, end to end, resumable stage by stage.
 
     python benchmarks/mnist/run.py --epsilon 10 --name eps10
     python benchmarks/mnist/run.py --epsilon 1 --name eps1
 
 Stages (each skipped when its output exists, and each resumable inside):
-  1. finetune  train_dp_ldm.py on the 60,000 MNIST training images from the public printed-digits model
+  1. finetune  train_dp_ldm.py on the 60,000 MNIST training images from the public digit model
                (checkpoints every --checkpointing_steps; rerun resumes from the latest)
   2. evaluate  examples/evaluate.py: draws --num_samples samples (resumable chunks), trains the downstream CNN on
                them only (3 seeds, model selection on held-out samples), scores the 10,000 real test images

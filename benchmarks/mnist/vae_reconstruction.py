@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Is a prior's autoencoder the limit? Round-trips real MNIST test images through each shipped prior's frozen VAE.
+"""Is a prior's autoencoder the limit? Round-trips real MNIST test images through each public prior's frozen VAE.
 
     python benchmarks/mnist/vae_reconstruction.py --num_images 2000
 
@@ -32,7 +32,11 @@ from dp_diffusers.evaluation.real_data import load_labelled_images
 
 HERE = Path(__file__).resolve().parent
 MNIST = HERE.parents[1].parent / "shared" / "datasets" / "mnist"
-PRIORS = {"printed digits": dp_diffusers.DEFAULT_PUBLIC_MODEL, "procedural": dp_diffusers.GENERAL_PUBLIC_MODEL}
+PRIORS = {
+    "printed digits": str(HERE / "priors" / "public-printed-digits"),  # the default digit prior until 2026-12-03
+    "drawn digits": dp_diffusers.DEFAULT_PUBLIC_MODEL,
+    "procedural": dp_diffusers.GENERAL_PUBLIC_MODEL,
+}
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
