@@ -8,7 +8,10 @@ the ``ClassEmbedder`` on its latents (DDPM loss, labels dropped to the null clas
 The result is a ``DPLDMPipeline`` folder with a model card that names the public data and a sample grid.
 
 Only ever feed PUBLIC data here: nothing in this script is private. Private data goes to ``train_dp_ldm.py``.
-Each stage is saved as soon as it ends, so ``--resume`` skips finished stages after an interruption.
+Each stage is saved as soon as it ends, and checkpointed every ``--checkpointing_steps`` while it runs, so after an
+interruption ``--resume`` skips finished stages and continues an unfinished one from its last checkpoint. To train a
+longer or larger diffusion stage on the autoencoder of an existing model, pass ``--pretrained_vae_model_name_or_path``
+(stage (a) is then skipped).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -34,8 +38,9 @@ from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
 from dp_diffusers.atomic import atomic_directory
+from dp_diffusers.checkpointing import load_checkpoint, save_checkpoint
 from dp_diffusers.data import as_torch_dataset, load_image_dataset
-from dp_diffusers.errors import cli_message
+from dp_diffusers.errors import cli_message, first_line
 from dp_diffusers.families.presets import PAPER_FINE_TUNE
 from dp_diffusers.grids import pipeline_class_grid
 from dp_diffusers.model_card import public_model_card
@@ -96,7 +101,24 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_grid_per_class", type=int, default=8)
-    p.add_argument("--resume", action="store_true", help="Reuse finished stages found under OUTPUT_DIR/_stages.")
+    p.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="Reuse this AutoencoderKL (a folder or Hub id of the VAE itself, e.g. "
+        "dp_diffusers/assets/public-drawn-digits/vae) and skip stage (a).",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse finished stages (kept in .OUTPUT_DIR.stages beside OUTPUT_DIR) and continue an unfinished one "
+        "from its last checkpoint.",
+    )
+    p.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Checkpoint a running stage every N steps (for --resume); 0: only at the end of each stage.",
+    )
     p.add_argument("--logging_steps", type=int, default=50)
     rec = p.add_argument_group(
         "fine-tuning recommendation",
@@ -119,6 +141,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resolution % 4:
         p.error(f"--resolution must be a multiple of 4, got {args.resolution}.")
+    if args.checkpointing_steps < 0:
+        p.error(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}.")
     if args.fine_tune_learning_rate is not None and not 0 < args.fine_tune_learning_rate < float("inf"):
         p.error(f"--fine_tune_learning_rate must be a positive number, got {args.fine_tune_learning_rate}.")
     return args
@@ -137,16 +161,75 @@ def infinite(loader):
         yield from loader
 
 
-def train_vae(args, accelerator, vae: AutoencoderKL, loader) -> AutoencoderKL:
-    """Stage (a): reconstruction (MSE) + a small KL term; no discriminator or perceptual net (none offline)."""
+def named_parameters(models: dict) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": p for prefix, model in models.items() for name, p in model.named_parameters()}
+
+
+# Mid-stage checkpoints reuse dp_diffusers.checkpointing (weights as safetensors, the rest read back with
+# weights_only=True). Accelerate's save_state is not used: it numbers every model prepared so far in the process, so
+# a stage (b) resumed after a skipped stage (a) would read the autoencoder's file into the UNet.
+def save_stage_checkpoint(directory, models: dict, optimizer, lr_scheduler, *, step: int, ema=None, **extra) -> None:
+    """Writes ``directory`` atomically: the stage's weights, EMA, optimizer, schedule, step and ``extra``."""
+    named = named_parameters(models)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), **extra}
+    ema_tensors = None
+    if ema is not None:
+        state["ema_step"] = ema.optimization_step
+        ema_tensors = dict(zip(named, ema.shadow_params, strict=True))
+    save_checkpoint(directory, trained=named, state=state, ema=ema_tensors)
+
+
+def load_stage_checkpoint(directory, models: dict, optimizer, lr_scheduler, *, ema=None) -> dict:
+    """Puts back what :func:`save_stage_checkpoint` wrote; returns its state (``step`` and the extras)."""
+    trained, ema_tensors, state = load_checkpoint(directory)
+    named = named_parameters(models)
+    if sorted(trained) != sorted(named) or any(trained[n].shape != p.shape for n, p in named.items()):
+        raise UserInputError(
+            f"{directory} holds another model layout than this run builds: resume with the same --model_size, "
+            "--resolution, --channels and data, or delete that folder to start the stage over."
+        )
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(trained[n])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None and ema_tensors is not None:
+        ema.shadow_params = [ema_tensors[n].to(p.device).clone() for n, p in named.items()]
+        ema.optimization_step = int(state["ema_step"])
+    return state
+
+
+def checkpoint_due(args, step: int, total: int) -> bool:
+    """After optimizer step ``step`` (1-based): a checkpoint is due every --checkpointing_steps, but not at the end
+    (the finished stage is saved whole)."""
+    return bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0 and step < total
+
+
+def train_vae(args, accelerator, vae: AutoencoderKL, loader, checkpoint_dir: Path) -> tuple[AutoencoderKL, float]:
+    """Stage (a): reconstruction (MSE) + a small KL term; no discriminator or perceptual net (none offline).
+    Returns the autoencoder and the stage's seconds (over all resumed runs)."""
+    started = time.time()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
     lr = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.vae_train_steps
     )
     vae, optimizer, loader, lr = accelerator.prepare(vae, optimizer, loader, lr)
+    models = {"vae": accelerator.unwrap_model(vae)}
+    start, seconds_before = 0, 0.0
+    if args.resume and checkpoint_dir.is_dir():
+        state = load_stage_checkpoint(checkpoint_dir, models, optimizer, lr)
+        start, seconds_before = int(state["step"]), float(state["seconds"])
+        set_seed(args.seed + start)  # public data: a fresh, reproducible stream for the rest of the stage
+        logger.info(f"Resumed stage (a) from {checkpoint_dir} at step {start}")
     vae.train()
     batches = infinite(loader)
-    bar = tqdm(range(args.vae_train_steps), desc="stage (a) autoencoder", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start, args.vae_train_steps),
+        initial=start,
+        total=args.vae_train_steps,
+        desc="stage (a) autoencoder",
+        disable=not accelerator.is_main_process,
+    )
     for step in bar:
         x = next(batches)["pixel_values"]
         with accelerator.autocast():
@@ -162,7 +245,10 @@ def train_vae(args, accelerator, vae: AutoencoderKL, loader) -> AutoencoderKL:
         if step % args.logging_steps == 0:
             bar.set_postfix(mse=f"{rec_loss.item():.4f}", kl=f"{kl.item():.1f}")
             accelerator.log({"vae/mse": rec_loss.item(), "vae/kl": kl.item()}, step=step)
-    return accelerator.unwrap_model(vae).eval()
+        if checkpoint_due(args, step + 1, args.vae_train_steps) and accelerator.is_main_process:
+            seconds = seconds_before + time.time() - started
+            save_stage_checkpoint(checkpoint_dir, models, optimizer, lr, step=step + 1, seconds=seconds)
+    return accelerator.unwrap_model(vae).eval(), seconds_before + time.time() - started
 
 
 @torch.no_grad()
@@ -177,8 +263,12 @@ def encode_dataset(accelerator, vae: AutoencoderKL, loader):
     return torch.cat(means), torch.cat(stds), torch.cat(labels)
 
 
-def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std, labels, scaling_factor, scheduler):
-    """Stage (b): epsilon-prediction DDPM loss on scaled latents, label dropout to the null class."""
+def train_diffusion(
+    args, accelerator, unet, embedder, latents_mean, latents_std, labels, scaling_factor, scheduler, checkpoint_dir
+):
+    """Stage (b): epsilon-prediction DDPM loss on scaled latents, label dropout to the null class. Returns the UNet,
+    the embedder, the loss summary and the stage's seconds (over all resumed runs)."""
+    started = time.time()
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     params = list(unet.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
@@ -189,12 +279,30 @@ def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std
     data = torch.utils.data.TensorDataset(latents_mean, latents_std, labels)
     loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     unet, embedder, optimizer, loader, lr = accelerator.prepare(unet, embedder, optimizer, loader, lr)
+    models = {"unet": accelerator.unwrap_model(unet), "embedder": accelerator.unwrap_model(embedder)}
+    start, seconds_before, first, running = 0, 0.0, None, None
+    if args.resume and checkpoint_dir.is_dir():
+        state = load_stage_checkpoint(checkpoint_dir, models, optimizer, lr, ema=ema)
+        if not math.isclose(state["scaling_factor"], scaling_factor, rel_tol=1e-4):
+            raise UserInputError(
+                f"{checkpoint_dir} was trained on the latents of another autoencoder (scaling factor "
+                f"{state['scaling_factor']:.5f}, now {scaling_factor:.5f}): delete it to start stage (b) over."
+            )
+        start, seconds_before = int(state["step"]), float(state["seconds"])
+        first, running = state["first_loss"], state["running_loss"]
+        set_seed(args.seed + start)  # public data: a fresh, reproducible stream for the rest of the stage
+        logger.info(f"Resumed stage (b) from {checkpoint_dir} at step {start}")
     unet.train()
     embedder.train()
     batches = infinite(loader)
     null_id = accelerator.unwrap_model(embedder).null_class_id
-    bar = tqdm(range(args.unet_train_steps), desc="stage (b) diffusion", disable=not accelerator.is_main_process)
-    running = None
+    bar = tqdm(
+        range(start, args.unet_train_steps),
+        initial=start,
+        total=args.unet_train_steps,
+        desc="stage (b) diffusion",
+        disable=not accelerator.is_main_process,
+    )
     for step in bar:
         mean, std, y = next(batches)
         z = (mean + std * torch.randn_like(std)) * scaling_factor
@@ -218,10 +326,50 @@ def train_diffusion(args, accelerator, unet, embedder, latents_mean, latents_std
         if step % args.logging_steps == 0:
             bar.set_postfix(loss=f"{running:.4f}")
             accelerator.log({"diffusion/loss": loss.item()}, step=step)
+        if checkpoint_due(args, step + 1, args.unet_train_steps) and accelerator.is_main_process:
+            save_stage_checkpoint(
+                checkpoint_dir,
+                models,
+                optimizer,
+                lr,
+                step=step + 1,
+                ema=ema,
+                seconds=seconds_before + time.time() - started,
+                first_loss=first,
+                running_loss=running,
+                scaling_factor=scaling_factor,
+            )
     unet, embedder = accelerator.unwrap_model(unet), accelerator.unwrap_model(embedder)
     if ema is not None:
         ema.copy_to(params)
-    return unet.eval(), embedder.eval(), {"first_loss": first, "final_loss_ema": running}
+    losses = {"first_loss": first, "final_loss_ema": running}
+    return unet.eval(), embedder.eval(), losses, seconds_before + time.time() - started
+
+
+def load_pretrained_vae(name_or_path: str, parts: dict, args) -> AutoencoderKL:
+    """``--pretrained_vae_model_name_or_path``: an ``AutoencoderKL`` whose latents fit the UNet this run builds."""
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserInputError(
+            f"--pretrained_vae_model_name_or_path {name_or_path!r}: no AutoencoderKL there ({first_line(e)}). Name "
+            "the VAE folder itself, e.g. dp_diffusers/assets/public-drawn-digits/vae."
+        ) from e
+    if vae.config.in_channels != args.channels:
+        raise UserInputError(
+            f"--pretrained_vae_model_name_or_path {name_or_path!r} encodes {vae.config.in_channels}-channel images, "
+            f"this run has --channels {args.channels}."
+        )
+    with torch.no_grad():
+        shape = vae.encode(torch.zeros(1, args.channels, args.resolution, args.resolution)).latent_dist.mean.shape
+    unet = parts["unet"].config
+    if tuple(shape[1:]) != (unet.in_channels, unet.sample_size, unet.sample_size):
+        raise UserInputError(
+            f"--pretrained_vae_model_name_or_path {name_or_path!r} makes latents of shape {tuple(shape[1:])} from "
+            f"{args.resolution}x{args.resolution} images; this run's UNet (--model_size {args.model_size}) takes "
+            f"{(unet.in_channels, unet.sample_size, unet.sample_size)}."
+        )
+    return vae
 
 
 def count(module) -> int:
@@ -258,16 +406,19 @@ def main(args) -> None:
 
     # Stage (a): the autoencoder.
     timings = {}
-    if args.resume and (stages / "vae" / "config.json").exists():
+    if args.pretrained_vae_model_name_or_path:
+        vae = load_pretrained_vae(args.pretrained_vae_model_name_or_path, parts, args)
+        logger.info(f"Stage (a) skipped: the autoencoder of {args.pretrained_vae_model_name_or_path}")
+    elif args.resume and (stages / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(stages / "vae")
         logger.info(f"Resumed finished stage (a) from {stages / 'vae'}")
     else:
-        t0 = time.time()
-        vae = train_vae(args, accelerator, parts["vae"], loader)
-        timings["vae_seconds"] = round(time.time() - t0, 1)
+        vae, timings["vae_seconds"] = train_vae(args, accelerator, parts["vae"], loader, stages / "vae-checkpoint")
+        timings["vae_seconds"] = round(timings["vae_seconds"], 1)
         if accelerator.is_main_process:
             with atomic_directory(stages / "vae") as tmp:
                 vae.save_pretrained(tmp)
+            shutil.rmtree(stages / "vae-checkpoint", ignore_errors=True)
     vae.requires_grad_(False).to(accelerator.device)
 
     # Latent scale: unit variance of the scaled latents, as Stable Diffusion's scaling_factor does.
@@ -283,15 +434,24 @@ def main(args) -> None:
         losses = None
         logger.info(f"Resumed finished stage (b) from {stages}")
     else:
-        t0 = time.time()
-        unet, embedder, losses = train_diffusion(
-            args, accelerator, parts["unet"], parts["embedder"], mean, std, labels, scaling_factor, parts["scheduler"]
+        unet, embedder, losses, seconds = train_diffusion(
+            args,
+            accelerator,
+            parts["unet"],
+            parts["embedder"],
+            mean,
+            std,
+            labels,
+            scaling_factor,
+            parts["scheduler"],
+            stages / "unet-checkpoint",
         )
-        timings["diffusion_seconds"] = round(time.time() - t0, 1)
+        timings["diffusion_seconds"] = round(seconds, 1)
         if accelerator.is_main_process:
             for name, model in (("unet", unet), ("embedder", embedder)):
                 with atomic_directory(stages / name) as tmp:
                     model.save_pretrained(tmp)
+            shutil.rmtree(stages / "unet-checkpoint", ignore_errors=True)
 
     if not accelerator.is_main_process:
         return
@@ -313,11 +473,14 @@ def main(args) -> None:
     timings["total_seconds"] = round(time.time() - started, 1)
     command = "accelerate launch examples/pretrain_public_ldm.py " + " ".join(sys.argv[1:])
     recommendation = fine_tune_recommendation(args)
+    vae_training = f"{args.vae_train_steps} steps"
+    if args.pretrained_vae_model_name_or_path:
+        vae_training = f"not trained here, reused from `{args.pretrained_vae_model_name_or_path}`"
     with atomic_directory(output_dir) as tmp:
         pipe.save_pretrained(tmp)
         pipeline_class_grid(pipe, per_class=args.num_grid_per_class, seed=args.seed).save(tmp / "samples.png")
         training = (
-            f"Command: `{command}`\n\nStage (a) autoencoder: {args.vae_train_steps} steps; stage (b) diffusion: "
+            f"Command: `{command}`\n\nStage (a) autoencoder: {vae_training}; stage (b) diffusion: "
             f"{args.unet_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate}, "
             f"EMA {args.ema_decay}, label dropout {args.cond_drop_prob}. Wall-clock: {timings} "
             f"on {accelerator.device} ({accelerator.num_processes} process(es))."
@@ -337,6 +500,11 @@ def main(args) -> None:
                 {
                     "public_data": loaded.source,
                     "num_images": len(train_set),
+                    **(
+                        {"pretrained_vae": args.pretrained_vae_model_name_or_path}
+                        if args.pretrained_vae_model_name_or_path
+                        else {}
+                    ),
                     "parameters": parameters,
                     "timings": timings,
                     "diffusion_loss": losses,

@@ -1,8 +1,10 @@
+import importlib.util
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO
 
@@ -52,6 +54,112 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
     pipe = DPLDMPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor != 1.0  # the latent scale was measured
     assert not any(p.name.startswith(".public") for p in tmp_path.iterdir())  # stage folders removed
+
+
+PRETRAIN_SCRIPT = REPO / "examples" / "pretrain_public_ldm.py"
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_public_ldm", PRETRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _tiny_args(pretrain, out, *extra):
+    return pretrain.parse_args(
+        [
+            "--model_size=tiny",
+            "--dataset_name=printed_digits",
+            "--num_generated_images=200",
+            "--vae_train_steps=20",
+            "--unet_train_steps=30",
+            "--train_batch_size=16",
+            "--lr_warmup_steps=2",
+            "--num_grid_per_class=1",
+            "--checkpointing_steps=10",
+            "--logging_steps=1000",
+            f"--output_dir={out}",
+            *extra,
+        ]
+    )
+
+
+def _run(pretrain, monkeypatch, args, *, interrupt_at: int | None = None) -> list[int]:
+    """Runs the script in-process; returns the steps it took (1-based, stage (a) then (b)). With ``interrupt_at``, it
+    stops as a killed run would, right after the first checkpoint written at that step."""
+    steps, real_due, real_save = [], pretrain.checkpoint_due, pretrain.save_stage_checkpoint
+
+    def due(args_, step, total):
+        steps.append(step)
+        return real_due(args_, step, total)
+
+    def save(*a, step, **kw):
+        real_save(*a, step=step, **kw)
+        if step == interrupt_at:
+            raise Interrupted
+
+    monkeypatch.setattr(pretrain, "checkpoint_due", due)
+    monkeypatch.setattr(pretrain, "save_stage_checkpoint", save)
+    try:
+        if interrupt_at is None:
+            pretrain.main(args)
+        else:
+            with pytest.raises(Interrupted):
+                pretrain.main(args)
+    finally:
+        monkeypatch.undo()  # the next run wraps the real functions, not these
+    return steps
+
+
+def test_an_interrupted_pretraining_resumes_inside_each_stage(pretrain, tmp_path, monkeypatch):
+    out = tmp_path / "public"
+    stages = tmp_path / ".public.stages"
+    # Killed in stage (a) after its checkpoint at step 10 (of 20).
+    assert _run(pretrain, monkeypatch, _tiny_args(pretrain, out), interrupt_at=10) == list(range(1, 11))
+    assert (stages / "vae-checkpoint").is_dir() and not (stages / "vae").exists() and not out.exists()
+    # Resumed: stage (a) runs only its last 10 steps, then stage (b) is killed after its checkpoint at 20 (of 30).
+    taken = _run(pretrain, monkeypatch, _tiny_args(pretrain, out, "--resume"), interrupt_at=20)
+    assert taken == list(range(11, 21)) + list(range(1, 21))
+    assert (stages / "vae").is_dir() and not (stages / "vae-checkpoint").exists()  # finished stage (a) kept whole
+    first_loss = torch.load(stages / "unet-checkpoint" / "state.pt", weights_only=True)["first_loss"]
+    # Resumed again: stage (a) is reused, stage (b) runs its last 10 steps from the checkpoint's weights and EMA.
+    assert _run(pretrain, monkeypatch, _tiny_args(pretrain, out, "--resume")) == list(range(21, 31))
+    info = json.loads((out / "pretraining.json").read_text())
+    assert info["diffusion_loss"]["first_loss"] == pytest.approx(first_loss)  # carried from the first stage-(b) run
+    assert info["timings"]["diffusion_seconds"] > 0 and not stages.exists()
+    assert pretrain.DPLDMPipeline.from_pretrained(out).unet.config.sample_size == 7
+
+
+def test_a_checkpoint_from_another_layout_is_refused(pretrain, tmp_path, monkeypatch):
+    out = tmp_path / "public"
+    _run(pretrain, monkeypatch, _tiny_args(pretrain, out), interrupt_at=10)
+    with pytest.raises(pretrain.UserInputError, match="another model layout"):
+        _run(pretrain, monkeypatch, _tiny_args(pretrain, out, "--resume", "--model_size=default"))
+
+
+def test_pretrained_vae_skips_stage_a_and_is_named(pretrain, tmp_path, monkeypatch, base_model):
+    out = tmp_path / "public"
+    vae_dir = base_model / "vae"
+    args = _tiny_args(pretrain, out, f"--pretrained_vae_model_name_or_path={vae_dir}", "--unet_train_steps=12")
+    assert _run(pretrain, monkeypatch, args) == list(range(1, 13))  # stage (b) only
+    info = json.loads((out / "pretraining.json").read_text())
+    assert info["pretrained_vae"] == str(vae_dir) and "vae_seconds" not in info["timings"]
+    assert f"reused from `{vae_dir}`" in (out / "README.md").read_text()
+    vae = pretrain.DPLDMPipeline.from_pretrained(out).vae
+    reference = pretrain.AutoencoderKL.from_pretrained(vae_dir)
+    for (name, a), b in zip(vae.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the autoencoder is the one named, unchanged
+    for bad, message in ((tmp_path / "nowhere", "no AutoencoderKL there"), (vae_dir, "takes")):
+        extra = [f"--pretrained_vae_model_name_or_path={bad}"] + (["--model_size=default"] if bad == vae_dir else [])
+        with pytest.raises(pretrain.UserInputError, match=message):
+            pretrain.main(_tiny_args(pretrain, tmp_path / "other", *extra))
+    assert not (tmp_path / "other").exists()
 
 
 def _printed_digit_classifier():
