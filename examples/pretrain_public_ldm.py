@@ -346,8 +346,9 @@ def train_diffusion(
     return unet.eval(), embedder.eval(), losses, seconds_before + time.time() - started
 
 
-def load_pretrained_vae(name_or_path: str, parts: dict, args) -> AutoencoderKL:
-    """``--pretrained_vae_model_name_or_path``: an ``AutoencoderKL`` whose latents fit the UNet this run builds."""
+def load_pretrained_vae(name_or_path: str, cfg: LDMConfig, args) -> AutoencoderKL:
+    """``--pretrained_vae_model_name_or_path``: an ``AutoencoderKL`` whose latents fit the UNet that ``cfg`` builds
+    (checked before any data is loaded)."""
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -362,12 +363,12 @@ def load_pretrained_vae(name_or_path: str, parts: dict, args) -> AutoencoderKL:
         )
     with torch.no_grad():
         shape = vae.encode(torch.zeros(1, args.channels, args.resolution, args.resolution)).latent_dist.mean.shape
-    unet = parts["unet"].config
-    if tuple(shape[1:]) != (unet.in_channels, unet.sample_size, unet.sample_size):
+    side = args.resolution // 2 ** (len(cfg.vae_channels) - 1)  # as build_class_conditional_ldm sizes the UNet
+    if tuple(shape[1:]) != (cfg.latent_channels, side, side):
         raise UserInputError(
             f"--pretrained_vae_model_name_or_path {name_or_path!r} makes latents of shape {tuple(shape[1:])} from "
             f"{args.resolution}x{args.resolution} images; this run's UNet (--model_size {args.model_size}) takes "
-            f"{(unet.in_channels, unet.sample_size, unet.sample_size)}."
+            f"{(cfg.latent_channels, side, side)}."
         )
     return vae
 
@@ -384,6 +385,11 @@ def main(args) -> None:
     output_dir = Path(args.output_dir)
     stages = output_dir.parent / f".{output_dir.name}.stages"
 
+    base = TINY if args.model_size == "tiny" else LDMConfig()
+    vae = None
+    if args.pretrained_vae_model_name_or_path:
+        vae = load_pretrained_vae(args.pretrained_vae_model_name_or_path, base, args)
+
     loaded = load_image_dataset(
         args.dataset_name,
         split=args.dataset_split,
@@ -397,7 +403,6 @@ def main(args) -> None:
     train_set = as_torch_dataset(loaded, resolution=args.resolution, channels=args.channels)
     logger.info(f"Public data: {loaded.source}, {len(train_set)} images, classes {loaded.id2label}")
 
-    base = TINY if args.model_size == "tiny" else LDMConfig()
     cfg = dataclasses.replace(
         base, image_size=args.resolution, in_channels=args.channels, num_classes=len(loaded.id2label)
     )
@@ -406,8 +411,7 @@ def main(args) -> None:
 
     # Stage (a): the autoencoder.
     timings = {}
-    if args.pretrained_vae_model_name_or_path:
-        vae = load_pretrained_vae(args.pretrained_vae_model_name_or_path, parts, args)
+    if vae is not None:
         logger.info(f"Stage (a) skipped: the autoencoder of {args.pretrained_vae_model_name_or_path}")
     elif args.resume and (stages / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(stages / "vae")

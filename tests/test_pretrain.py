@@ -155,6 +155,8 @@ def test_pretrained_vae_skips_stage_a_and_is_named(pretrain, tmp_path, monkeypat
     reference = pretrain.AutoencoderKL.from_pretrained(vae_dir)
     for (name, a), b in zip(vae.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the autoencoder is the one named, unchanged
+    # Refused before any data is loaded or drawn, and nothing is written.
+    monkeypatch.setattr(pretrain, "load_image_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))
     for bad, message in ((tmp_path / "nowhere", "no AutoencoderKL there"), (vae_dir, "takes")):
         extra = [f"--pretrained_vae_model_name_or_path={bad}"] + (["--model_size=default"] if bad == vae_dir else [])
         with pytest.raises(pretrain.UserInputError, match=message):
