@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UserInputError
 from dp_diffusers.atomic import atomic_directory
-from dp_diffusers.checkpointing import load_checkpoint, save_checkpoint
+from dp_diffusers.checkpointing import load_checkpoint, save_checkpoint, set_rng_state
 from dp_diffusers.data import as_torch_dataset, load_image_dataset
 from dp_diffusers.errors import cli_message, first_line
 from dp_diffusers.families.presets import PAPER_FINE_TUNE
@@ -179,8 +179,11 @@ def save_stage_checkpoint(directory, models: dict, optimizer, lr_scheduler, *, s
     save_checkpoint(directory, trained=named, state=state, ema=ema_tensors)
 
 
-def load_stage_checkpoint(directory, models: dict, optimizer, lr_scheduler, *, ema=None) -> dict:
-    """Puts back what :func:`save_stage_checkpoint` wrote; returns its state (``step`` and the extras)."""
+def resume_stage(args, directory: Path, models: dict, optimizer, lr_scheduler, *, ema=None, stage: str) -> dict:
+    """With --resume and a checkpoint in ``directory``: puts back what :func:`save_stage_checkpoint` wrote (weights,
+    optimizer, schedule, EMA, RNG) and returns its state (``step``, ``seconds`` and the extras); else a fresh state."""
+    if not (args.resume and directory.is_dir()):
+        return {"step": 0, "seconds": 0.0}
     trained, ema_tensors, state = load_checkpoint(directory)
     named = named_parameters(models)
     if sorted(trained) != sorted(named) or any(trained[n].shape != p.shape for n, p in named.items()):
@@ -196,6 +199,8 @@ def load_stage_checkpoint(directory, models: dict, optimizer, lr_scheduler, *, e
     if ema is not None and ema_tensors is not None:
         ema.shadow_params = [ema_tensors[n].to(p.device).clone() for n, p in named.items()]
         ema.optimization_step = int(state["ema_step"])
+    set_rng_state(state["rng"][0])  # the main process's stream, as it stood at the checkpoint (public data)
+    logger.info(f"Resumed stage ({stage}) from {directory} at step {state['step']}")
     return state
 
 
@@ -215,12 +220,8 @@ def train_vae(args, accelerator, vae: AutoencoderKL, loader, checkpoint_dir: Pat
     )
     vae, optimizer, loader, lr = accelerator.prepare(vae, optimizer, loader, lr)
     models = {"vae": accelerator.unwrap_model(vae)}
-    start, seconds_before = 0, 0.0
-    if args.resume and checkpoint_dir.is_dir():
-        state = load_stage_checkpoint(checkpoint_dir, models, optimizer, lr)
-        start, seconds_before = int(state["step"]), float(state["seconds"])
-        set_seed(args.seed + start)  # public data: a fresh, reproducible stream for the rest of the stage
-        logger.info(f"Resumed stage (a) from {checkpoint_dir} at step {start}")
+    state = resume_stage(args, checkpoint_dir, models, optimizer, lr, stage="a")
+    start, seconds_before = int(state["step"]), float(state["seconds"])
     vae.train()
     batches = infinite(loader)
     bar = tqdm(
@@ -280,18 +281,14 @@ def train_diffusion(
     loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     unet, embedder, optimizer, loader, lr = accelerator.prepare(unet, embedder, optimizer, loader, lr)
     models = {"unet": accelerator.unwrap_model(unet), "embedder": accelerator.unwrap_model(embedder)}
-    start, seconds_before, first, running = 0, 0.0, None, None
-    if args.resume and checkpoint_dir.is_dir():
-        state = load_stage_checkpoint(checkpoint_dir, models, optimizer, lr, ema=ema)
-        if not math.isclose(state["scaling_factor"], scaling_factor, rel_tol=1e-4):
-            raise UserInputError(
-                f"{checkpoint_dir} was trained on the latents of another autoencoder (scaling factor "
-                f"{state['scaling_factor']:.5f}, now {scaling_factor:.5f}): delete it to start stage (b) over."
-            )
-        start, seconds_before = int(state["step"]), float(state["seconds"])
-        first, running = state["first_loss"], state["running_loss"]
-        set_seed(args.seed + start)  # public data: a fresh, reproducible stream for the rest of the stage
-        logger.info(f"Resumed stage (b) from {checkpoint_dir} at step {start}")
+    state = resume_stage(args, checkpoint_dir, models, optimizer, lr, ema=ema, stage="b")
+    if not math.isclose(state.get("scaling_factor", scaling_factor), scaling_factor, rel_tol=1e-4):
+        raise UserInputError(
+            f"{checkpoint_dir} was trained on the latents of another autoencoder (scaling factor "
+            f"{state['scaling_factor']:.5f}, now {scaling_factor:.5f}): delete it to start stage (b) over."
+        )
+    start, seconds_before = int(state["step"]), float(state["seconds"])
+    first, running = state.get("first_loss"), state.get("running_loss")
     unet.train()
     embedder.train()
     batches = infinite(loader)
@@ -417,8 +414,8 @@ def main(args) -> None:
         vae = AutoencoderKL.from_pretrained(stages / "vae")
         logger.info(f"Resumed finished stage (a) from {stages / 'vae'}")
     else:
-        vae, timings["vae_seconds"] = train_vae(args, accelerator, parts["vae"], loader, stages / "vae-checkpoint")
-        timings["vae_seconds"] = round(timings["vae_seconds"], 1)
+        vae, seconds = train_vae(args, accelerator, parts["vae"], loader, stages / "vae-checkpoint")
+        timings["vae_seconds"] = round(seconds, 1)
         if accelerator.is_main_process:
             with atomic_directory(stages / "vae") as tmp:
                 vae.save_pretrained(tmp)

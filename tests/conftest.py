@@ -54,12 +54,17 @@ TRAIN_SCRIPT = REPO / "train_dp_ldm.py"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="session")
-def script():
-    spec = importlib.util.spec_from_file_location("train_dp_ldm", TRAIN_SCRIPT)
+def load_script(path: Path):
+    """A script (train_dp_ldm.py, examples/*.py) imported as a module, to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    return load_script(TRAIN_SCRIPT)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -6,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 
 import dp_diffusers
 from dp_diffusers import DPLDMPipeline
@@ -61,10 +60,7 @@ PRETRAIN_SCRIPT = REPO / "examples" / "pretrain_public_ldm.py"
 
 @pytest.fixture(scope="module")
 def pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_public_ldm", PRETRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PRETRAIN_SCRIPT)
 
 
 class Interrupted(Exception):
