@@ -79,6 +79,12 @@ def parse_args(argv=None):
         default=20000,
         help="Images to generate for the generated presets (printed_digits, drawn_digits, procedural).",
     )
+    p.add_argument(
+        "--preprocessing_num_workers",
+        type=int,
+        default=None,
+        help="Processes that draw a generated preset (the same images; drawn_digits draws ~20 images/s in one).",
+    )
     p.add_argument("--resolution", type=int, default=28, help="Image side, a multiple of 4.")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 = grayscale, 3 = RGB.")
     p.add_argument(
@@ -143,6 +149,8 @@ def parse_args(argv=None):
         p.error(f"--resolution must be a multiple of 4, got {args.resolution}.")
     if args.checkpointing_steps < 0:
         p.error(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}.")
+    if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
+        p.error(f"--preprocessing_num_workers must be >= 1, got {args.preprocessing_num_workers}.")
     if args.fine_tune_learning_rate is not None and not 0 < args.fine_tune_learning_rate < float("inf"):
         p.error(f"--fine_tune_learning_rate must be a positive number, got {args.fine_tune_learning_rate}.")
     return args
@@ -394,6 +402,7 @@ def main(args) -> None:
         label_column=args.label_column,
         num_generated_images=args.num_generated_images,
         seed=args.seed,
+        num_proc=args.preprocessing_num_workers,
     )
     if loaded.label_column is None:
         raise UserInputError("Pre-training a class-conditional model needs labels: pass --label_column.")

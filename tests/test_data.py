@@ -30,6 +30,7 @@ from dp_diffusers.data import (
 )
 from dp_diffusers.data.drawn_digits import draw_strokes, elastic_distortion
 from dp_diffusers.data.printed_digits import _image_rng
+from dp_diffusers.data.procedural import make_procedural_images
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train.parquet").is_file(), reason=f"{MNIST_DIR} is absent")
@@ -119,6 +120,16 @@ def test_every_font_draws_real_digits(printed_digit_classifier):
         images = [render_digit(int(d), rng=_image_rng(7, i), font=font) for i, d in enumerate(labels)]
         accuracy = printed_digit_classifier.score(_pixels(images), labels)
         assert accuracy >= 0.75, f"{Path(font).name}: {accuracy:.2f}"
+
+
+@pytest.mark.parametrize("make", [make_printed_digits, make_drawn_digits, make_procedural_images])
+def test_generated_sets_are_the_same_drawn_in_several_processes(make):
+    serial, parallel = make(23, seed=4), make(23, seed=4, num_proc=2)
+    assert parallel.features == serial.features and parallel["label"] == serial["label"]
+    for a, b in zip(serial["image"], parallel["image"], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="num_proc"):
+        make(3, num_proc=0)
 
 
 # ---------------------------------------------------------------- drawn digits

@@ -160,6 +160,22 @@ def test_pretrained_vae_skips_stage_a_and_is_named(pretrain, tmp_path, monkeypat
     assert not (tmp_path / "other").exists()
 
 
+def test_preprocessing_num_workers_reaches_the_generated_preset(pretrain, tmp_path, monkeypatch):
+    seen = {}
+
+    def load(*a, **k):
+        seen.update(k)
+        raise pretrain.UserInputError("stop here")
+
+    monkeypatch.setattr(pretrain, "load_image_dataset", load)
+    with pytest.raises(pretrain.UserInputError, match="stop here"):
+        pretrain.main(_tiny_args(pretrain, tmp_path / "out", "--preprocessing_num_workers=3"))
+    assert seen["num_proc"] == 3 and seen["num_generated_images"] == 200
+    with pytest.raises(SystemExit):
+        _tiny_args(pretrain, tmp_path / "out", "--preprocessing_num_workers=0")
+    assert not (tmp_path / "out").exists()
+
+
 def _printed_digit_classifier():
     """An RBF-SVM on 3,000 printed digits: the judge of 'recognisable' (98-99% on held-out printed digits)."""
     from sklearn.svm import SVC

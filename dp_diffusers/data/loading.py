@@ -185,13 +185,14 @@ def load_image_dataset(
     cache_dir: str | None = None,
     num_generated_images: int = 10000,
     seed: int = 0,
+    num_proc: int | None = None,
 ) -> LoadedDataset:
     """Loads an image data set by preset name, local path or Hub id; never touches the network for local data.
 
     - ``None`` or ``"digits"``: scikit-learn's embedded handwritten digits (the default private data).
     - ``"printed_digits"``, ``"drawn_digits"`` or ``"procedural"``: ``num_generated_images`` generated public images
       (rendered digits; digits drawn as pen strokes; shapes, strokes, textures and glyphs without digits), generated
-      with ``seed``.
+      with ``seed`` (in ``num_proc`` processes: the same images).
     - a preset name (see ``PRESETS``): ``datasets.load_dataset(preset.hub_id, split=split)``.
     - a local folder: its parquet files (searched recursively; files or folders named after splits, e.g.
       ``train-*.parquet`` or ``test/``, select ``split``), else an image folder (``imagefolder``, one subfolder per
@@ -207,7 +208,12 @@ def load_image_dataset(
     Every failure the user can fix raises a one-line ``UserInputError``.
     """
     dataset, source, preset = read_source(
-        name_or_path, split=split, cache_dir=cache_dir, num_generated_images=num_generated_images, seed=seed
+        name_or_path,
+        split=split,
+        cache_dir=cache_dir,
+        num_generated_images=num_generated_images,
+        seed=seed,
+        num_proc=num_proc,
     )
 
     if isinstance(dataset, datasets.DatasetDict):  # cannot happen with split=...; guard for odd loaders

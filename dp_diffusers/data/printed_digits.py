@@ -23,7 +23,8 @@ import datasets
 import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from tqdm.auto import tqdm
+
+from .generated import generate_image_set
 
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
@@ -60,7 +61,6 @@ PRINTED_DIGITS_FONTS: list[str] = [str(_FONT_DIR / name) for name in _FONT_NAMES
 
 _CLASS_NAMES = [str(d) for d in range(10)]
 _RENDER_SIZE = 96  # font size (px) of the high-resolution rendering that is later shrunk to the digit box
-_MIN_PROGRESS = 2000  # show a progress bar from this many images on
 
 
 @functools.cache
@@ -171,20 +171,23 @@ def _image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def make_printed_digits(num_images: int, *, seed: int = 0, image_size: int = 28) -> datasets.Dataset:
+def make_printed_digits(
+    num_images: int, *, seed: int = 0, image_size: int = 28, num_proc: int | None = None
+) -> datasets.Dataset:
     """Renders ``num_images`` printed digits as a ``datasets.Dataset`` with columns ``image`` and ``label``.
 
     Image ``i`` shows digit ``i % 10`` (so every prefix is balanced) and is a pure function of ``(seed, i)``.
-    ``label`` is a ``ClassLabel`` named "0".."9". 10,000 images take a few seconds on one CPU core.
+    ``label`` is a ``ClassLabel`` named "0".."9". 10,000 images take a few seconds on one CPU core; ``num_proc``
+    renders in that many processes (the same images).
     """
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    labels = [i % 10 for i in range(num_images)]
-    images = [
-        render_digit(label, rng=_image_rng(seed, i), image_size=image_size)
-        for i, label in enumerate(
-            tqdm(labels, desc="Rendering printed digits", unit="img", disable=num_images < _MIN_PROGRESS)
-        )
-    ]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=_CLASS_NAMES)})
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return generate_image_set(
+        num_images,
+        render=functools.partial(_render_indexed, seed=seed, image_size=image_size),
+        class_names=_CLASS_NAMES,
+        desc="Rendering printed digits",
+        num_proc=num_proc,
+    )
+
+
+def _render_indexed(index: int, digit: int, *, seed: int, image_size: int) -> Image.Image:
+    return render_digit(digit, rng=_image_rng(seed, index), image_size=image_size)

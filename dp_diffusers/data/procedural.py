@@ -24,8 +24,8 @@ import unicodedata
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
+from .generated import generate_image_set
 from .printed_digits import _FONT_DIR, PRINTED_DIGITS_FONTS, _random_affine, blur_and_noise, centre_in_frame
 
 PROCEDURAL_CLASSES = (
@@ -41,7 +41,6 @@ PROCEDURAL_CLASSES = (
     "composition",
 )
 _HI = 112  # the canvas side of the 4x drawing
-_MIN_PROGRESS = 2000
 
 # Letters drawn like digits in common fonts (0 1 2 5 6 8 9 and friends), left out so the set has no digit shapes.
 _DIGIT_LOOKALIKES = frozenset("OoDQIlijZzSsBGbgq|ЗзЅѕОоІіЈјБбΟοΙιΖζΒβϬϭ")
@@ -336,20 +335,20 @@ def render_procedural(kind: int, *, rng: np.random.Generator, image_size: int = 
     return blur_and_noise(image, rng=rng, image_size=image_size)
 
 
-def make_procedural_images(num_images: int, *, seed: int = 0, image_size: int = 28) -> datasets.Dataset:
+def make_procedural_images(
+    num_images: int, *, seed: int = 0, image_size: int = 28, num_proc: int | None = None
+) -> datasets.Dataset:
     """Draws ``num_images`` procedural images as a ``datasets.Dataset`` with columns ``image`` and ``label``
     (a ``ClassLabel`` named by ``PROCEDURAL_CLASSES``). Image ``i`` has class ``i % 10`` and is a pure function of
-    ``(seed, i)``."""
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    labels = [i % len(PROCEDURAL_CLASSES) for i in range(num_images)]
-    images = [
-        render_procedural(label, rng=np.random.default_rng([int(seed), int(i), 1]), image_size=image_size)
-        for i, label in enumerate(
-            tqdm(labels, desc="Drawing procedural images", unit="img", disable=num_images < _MIN_PROGRESS)
-        )
-    ]
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(PROCEDURAL_CLASSES))}
+    ``(seed, i)``; ``num_proc`` draws in that many processes (the same images)."""
+    return generate_image_set(
+        num_images,
+        render=functools.partial(_render_indexed, seed=seed, image_size=image_size),
+        class_names=PROCEDURAL_CLASSES,
+        desc="Drawing procedural images",
+        num_proc=num_proc,
     )
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def _render_indexed(index: int, class_id: int, *, seed: int, image_size: int) -> Image.Image:
+    return render_procedural(class_id, rng=np.random.default_rng([int(seed), int(index), 1]), image_size=image_size)

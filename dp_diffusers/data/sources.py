@@ -190,7 +190,7 @@ def _load_hub(hub_id: str, split: str, cache_dir: str | None = None) -> datasets
         ) from e
 
 
-def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: int):
+def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: int, num_proc: int | None = None):
     preset = PRESETS[name]
     if split != "train":
         raise UserInputError(
@@ -199,21 +199,21 @@ def _read_embedded(name: str, split: str, *, num_generated_images: int, seed: in
     if preset.name == "digits":
         return load_sklearn_digits(), "scikit-learn digits (embedded, 1,797 images)", preset
     if preset.name == "procedural":
-        dataset = make_procedural_images(num_generated_images, seed=seed)
+        dataset = make_procedural_images(num_generated_images, seed=seed, num_proc=num_proc)
         return (
             dataset,
             f"procedural shapes (drawn by code, digit-free, {num_generated_images} images, seed {seed})",
             preset,
         )
     if preset.name == "drawn_digits":
-        dataset = make_drawn_digits(num_generated_images, seed=seed)
+        dataset = make_drawn_digits(num_generated_images, seed=seed, num_proc=num_proc)
         return (
             dataset,
             f"drawn digits (pen strokes drawn by code and printed digits rendered from matplotlib's fonts, "
             f"elastically distorted, {num_generated_images} images, seed {seed})",
             preset,
         )
-    dataset = make_printed_digits(num_generated_images, seed=seed)
+    dataset = make_printed_digits(num_generated_images, seed=seed, num_proc=num_proc)
     return (
         dataset,
         f"printed digits (rendered from matplotlib's fonts, {num_generated_images} images, seed {seed})",
@@ -252,12 +252,15 @@ def read_source(
     cache_dir: str | None = None,
     num_generated_images: int = 10000,
     seed: int = 0,
+    num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, str, DatasetPreset | None]:
     """``(dataset, source description, preset or None)`` for a preset name, local path or Hub id (see
     ``load_image_dataset``); never touches the network for local data."""
     name = name_or_path.strip() if isinstance(name_or_path, str) else name_or_path
     if not name or name in _GENERATED:
-        return _read_embedded(name or "digits", split, num_generated_images=num_generated_images, seed=seed)
+        return _read_embedded(
+            name or "digits", split, num_generated_images=num_generated_images, seed=seed, num_proc=num_proc
+        )
     if name in PRESETS:
         preset = PRESETS[name]
         return _load_hub(preset.hub_id, split, cache_dir), f"{preset.hub_id} ({split})", preset
