@@ -480,7 +480,8 @@ def main(args) -> None:
         "unet attention blocks (Transformer2DModel)": attention,
         "class embedder": count(embedder),
     }
-    timings["total_seconds"] = round(time.time() - started, 1)
+    # This process's wall-clock; a stage's own seconds (above) add up over the resumed runs that trained it.
+    timings["this_run_seconds"] = round(time.time() - started, 1)
     command = "accelerate launch examples/pretrain_public_ldm.py " + " ".join(sys.argv[1:])
     recommendation = fine_tune_recommendation(args)
     vae_training = f"{args.vae_train_steps} steps"
@@ -525,7 +526,8 @@ def main(args) -> None:
             )
         )
     shutil.rmtree(stages, ignore_errors=True)  # finished: the stage folders only served --resume
-    logger.info(f"Wrote {output_dir} ({parameters['total']:,} parameters) in {timings['total_seconds']:.0f}s")
+    seconds = timings["this_run_seconds"]
+    logger.info(f"Wrote {output_dir} ({parameters['total']:,} parameters) in {seconds:.0f}s (this run)")
 
 
 if __name__ == "__main__":
