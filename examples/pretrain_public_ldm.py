@@ -368,7 +368,7 @@ def load_pretrained_vae(name_or_path: str, cfg: LDMConfig, args) -> AutoencoderK
         )
     with torch.no_grad():
         shape = vae.encode(torch.zeros(1, args.channels, args.resolution, args.resolution)).latent_dist.mean.shape
-    side = args.resolution // 2 ** (len(cfg.vae_channels) - 1)  # as build_class_conditional_ldm sizes the UNet
+    side = dataclasses.replace(cfg, image_size=args.resolution).latent_size  # the UNet's sample_size
     if tuple(shape[1:]) != (cfg.latent_channels, side, side):
         raise UserInputError(
             f"--pretrained_vae_model_name_or_path {name_or_path!r} makes latents of shape {tuple(shape[1:])} from "

@@ -39,6 +39,16 @@ class LDMConfig:
     norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups in UNet and VAE."})
     num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM training timesteps."})
 
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller than the images the autoencoder's latents are, per side."""
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the latents the denoiser works on."""
+        return self.image_size // self.downsampling
+
 
 #: The layout of the shipped public model (``dp_diffusers/assets/public-drawn-digits``): 7 attention blocks.
 DEFAULT = LDMConfig()
@@ -119,13 +129,12 @@ def build_class_conditional_ldm(cfg: LDMConfig | None = None, id2label: dict[int
     ``scheduler`` is the DDIM sampler; training uses ``DDPMScheduler.from_config(scheduler.config)``.
     """
     cfg = cfg or LDMConfig()
-    if cfg.image_size % 2 ** (len(cfg.vae_channels) - 1):
-        raise ValueError(f"image_size={cfg.image_size} must be a multiple of {2 ** (len(cfg.vae_channels) - 1)}.")
+    if cfg.image_size % cfg.downsampling:
+        raise ValueError(f"image_size={cfg.image_size} must be a multiple of {cfg.downsampling}.")
     if cfg.num_cond_tokens < 2:
         raise ValueError("num_cond_tokens must be >= 2: with one token, cross-attention's to_q/to_k get no gradient.")
     vae = build_vae(cfg)
-    latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
-    unet = build_unet(cfg, latent_size)
+    unet = build_unet(cfg, cfg.latent_size)
     embedder = ClassEmbedder(
         num_classes=cfg.num_classes, embed_dim=cfg.cond_dim, num_tokens=cfg.num_cond_tokens, id2label=id2label
     )

@@ -88,7 +88,7 @@ def build_tiny_dit(seed: int = 0, num_classes: int = 1000, id2label: dict[int, s
         in_channels=TINY_RGB.latent_channels,
         out_channels=2 * TINY_RGB.latent_channels,
         num_layers=2,
-        sample_size=TINY_RGB.image_size // 4,
+        sample_size=TINY_RGB.latent_size,
         patch_size=2,
         num_embeds_ada_norm=num_classes,
     )
@@ -106,10 +106,9 @@ def build_tiny_ldm(seed: int = 0) -> LDMPipeline:
     """VQModel + UNet2DModel with self-attention blocks (AttnDownBlock2D, mid block, AttnUpBlock2D), 32x32 RGB."""
     torch.manual_seed(seed)
     cfg = TINY_RGB
-    n = len(cfg.vae_channels)
     vqvae = VQModel(**autoencoder_kwargs(cfg), num_vq_embeddings=64, vq_embed_dim=cfg.latent_channels)
     unet = UNet2DModel(
-        sample_size=cfg.image_size // 2 ** (n - 1),
+        sample_size=cfg.latent_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.unet_channels),
