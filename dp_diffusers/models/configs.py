@@ -50,7 +50,7 @@ class LDMConfig:
         return self.image_size // self.downsampling
 
 
-#: The layout of the shipped public model (``dp_diffusers/assets/public-drawn-digits``): 7 attention blocks.
+#: The layout of the shipped public model (``dp_diffusers/assets/public-drawn-digits-long``): 7 attention blocks.
 DEFAULT = LDMConfig()
 
 #: The denoiser of the paper's CIFAR-10 model (official config ``imagenet32-conditional`` / ``cifar32-dp-eps10``:
