@@ -91,7 +91,26 @@ def parse_args(argv=None):
         "--model_size",
         default="default",
         choices=["default", "tiny"],
-        help="'default' is the shipped layout; 'tiny' is for tests.",
+        help="'default' is the shipped layout; 'tiny' is for tests. The three flags below change its denoiser.",
+    )
+    p.add_argument(
+        "--unet_block_out_channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="The UNet's block_out_channels, one width per level (default: --model_size's; the shipped: 32 64).",
+    )
+    p.add_argument(
+        "--unet_layers_per_block",
+        type=int,
+        default=None,
+        help="The UNet's layers_per_block: ResNet + attention layers per level (default: --model_size's, 1).",
+    )
+    p.add_argument(
+        "--unet_norm_num_groups",
+        type=int,
+        default=None,
+        help="GroupNorm groups of the UNet, a divisor of every width (default: --model_size's, 32; 16 for 48 96).",
     )
     p.add_argument("--output_dir", default="public-ldm", help="Where the DPLDMPipeline folder is written.")
     p.add_argument("--train_batch_size", type=int, default=128)
@@ -147,6 +166,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resolution % 4:
         p.error(f"--resolution must be a multiple of 4, got {args.resolution}.")
+    base = TINY if args.model_size == "tiny" else LDMConfig()
+    widths = args.unet_block_out_channels or base.unet_channels
+    groups = args.unet_norm_num_groups or base.norm_num_groups
+    if args.unet_block_out_channels is not None and len(widths) < 2:
+        p.error(f"--unet_block_out_channels needs a width per level, at least 2, got {widths}.")
+    if any(w < 1 or w % groups for w in widths):
+        p.error(f"UNet widths {list(widths)} must be positive multiples of its --unet_norm_num_groups ({groups}).")
+    if args.unet_layers_per_block is not None and args.unet_layers_per_block < 1:
+        p.error(f"--unet_layers_per_block must be >= 1, got {args.unet_layers_per_block}.")
     if args.checkpointing_steps < 0:
         p.error(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}.")
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
@@ -197,7 +225,7 @@ def resume_stage(args, directory: Path, models: dict, optimizer, lr_scheduler, *
     if sorted(trained) != sorted(named) or any(trained[n].shape != p.shape for n, p in named.items()):
         raise UserInputError(
             f"{directory} holds another model layout than this run builds: resume with the same --model_size, "
-            "--resolution, --channels and data, or delete that folder to start the stage over."
+            "--unet_* flags, --resolution, --channels and data, or delete that folder to start the stage over."
         )
     with torch.no_grad():
         for n, p in named.items():
@@ -378,6 +406,20 @@ def load_pretrained_vae(name_or_path: str, cfg: LDMConfig, args) -> AutoencoderK
     return vae
 
 
+def model_config(args) -> LDMConfig:
+    """--model_size's layout with the --unet_* flags' changes (the autoencoder keeps its own GroupNorm groups)."""
+    base = TINY if args.model_size == "tiny" else LDMConfig()
+    unet = {
+        "unet_channels": tuple(args.unet_block_out_channels or base.unet_channels),
+        "layers_per_block": args.unet_layers_per_block or base.layers_per_block,
+    }
+    if args.unet_norm_num_groups is None:
+        return dataclasses.replace(base, **unet)
+    # LDMConfig.norm_num_groups serves both models: build_vae caps it at the autoencoder's narrowest width, and the
+    # autoencoder of a fresh stage (a) must not change with a UNet flag, so it is set only for the UNet here.
+    return dataclasses.replace(base, **unet, unet_norm_num_groups=args.unet_norm_num_groups)
+
+
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -390,7 +432,7 @@ def main(args) -> None:
     output_dir = Path(args.output_dir)
     stages = output_dir.parent / f".{output_dir.name}.stages"
 
-    base = TINY if args.model_size == "tiny" else LDMConfig()
+    base = model_config(args)
     vae = None
     if args.pretrained_vae_model_name_or_path:
         vae = load_pretrained_vae(args.pretrained_vae_model_name_or_path, base, args)

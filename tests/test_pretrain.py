@@ -160,6 +160,28 @@ def test_pretrained_vae_skips_stage_a_and_is_named(pretrain, tmp_path, monkeypat
     assert not (tmp_path / "other").exists()
 
 
+def test_unet_flags_change_the_denoiser_only(pretrain, tmp_path, monkeypatch):
+    out = tmp_path / "public"
+    flags = ("--unet_block_out_channels", "24", "48", "--unet_layers_per_block=2", "--unet_norm_num_groups=8")
+    args = _tiny_args(pretrain, out, *flags, "--vae_train_steps=4", "--unet_train_steps=4")
+    _run(pretrain, monkeypatch, args)
+    pipe = pretrain.DPLDMPipeline.from_pretrained(out)
+    unet = pipe.unet.config
+    assert (list(unet.block_out_channels), unet.layers_per_block, unet.norm_num_groups) == ([24, 48], 2, 8)
+    # The autoencoder is --model_size's, whatever the UNet flags say.
+    assert pipe.vae.config.norm_num_groups == pretrain.TINY.norm_num_groups
+    assert list(pipe.vae.config.block_out_channels) == list(pretrain.TINY.vae_channels)
+    # A checkpoint of one denoiser layout is not resumed into another.
+    short_a = "--vae_train_steps=4"  # stage (a) ends before step 10: the run stops in stage (b)
+    _run(pretrain, monkeypatch, _tiny_args(pretrain, tmp_path / "b", *flags[:3], short_a), interrupt_at=10)
+    assert (tmp_path / ".b.stages" / "unet-checkpoint").is_dir()
+    with pytest.raises(pretrain.UserInputError, match="--unet_\\* flags"):
+        _run(pretrain, monkeypatch, _tiny_args(pretrain, tmp_path / "b", "--resume", short_a))
+    for bad in (["--unet_block_out_channels", "24", "36"], ["--unet_block_out_channels", "32"]):
+        with pytest.raises(SystemExit):
+            _tiny_args(pretrain, out, *bad, "--unet_norm_num_groups=8")
+
+
 def test_preprocessing_num_workers_reaches_the_generated_preset(pretrain, tmp_path, monkeypatch):
     seen = {}
 

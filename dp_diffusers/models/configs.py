@@ -37,6 +37,9 @@ class LDMConfig:
     num_cond_tokens: int = field(default=4, metadata={"help": "Tokens per class (must be >= 2, see ClassEmbedder)."})
     num_classes: int = field(default=10, metadata={"help": "Number of classes (a null class is added)."})
     norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups in UNet and VAE."})
+    unet_norm_num_groups: int | None = field(
+        default=None, metadata={"help": "GroupNorm groups of the UNet alone (default: norm_num_groups)."}
+    )
     num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM training timesteps."})
 
     @property
@@ -118,7 +121,7 @@ def build_unet(cfg: LDMConfig, latent_size: int) -> UNet2DConditionModel:
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_heads,  # diffusers' historical name: this is the number of heads
         cross_attention_dim=cfg.cond_dim,
-        norm_num_groups=cfg.norm_num_groups,
+        norm_num_groups=cfg.unet_norm_num_groups or cfg.norm_num_groups,
         use_linear_projection=True,
     )
 
