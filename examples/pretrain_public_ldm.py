@@ -83,7 +83,7 @@ def parse_args(argv=None):
         "--preprocessing_num_workers",
         type=int,
         default=None,
-        help="Processes that draw a generated preset (the same images; drawn_digits draws ~250 images/s in one).",
+        help="Processes that draw a generated preset (the same images; drawn_digits draws 250-550 images/s in one).",
     )
     p.add_argument("--resolution", type=int, default=28, help="Image side, a multiple of 4.")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 = grayscale, 3 = RGB.")

@@ -3,7 +3,7 @@
 
     python benchmarks/mnist/draw_public_digits.py --num_images 60000 --output drawn_digits_60000_seed0.parquet
 
-The ``drawn_digits`` preset draws ~250 images/s in one process (60,000 in ~2 min in two), redone on every start of
+The ``drawn_digits`` preset draws 250-550 images/s in one process (60,000 in 1-2 min in two), redone on every start of
 ``examples/pretrain_public_ldm.py`` (``--preprocessing_num_workers`` splits it over processes). This draws the
 same dataset once (image ``i`` is a pure function of ``(seed, i)``), for
 ``pretrain_public_ldm.py --dataset_name FILE.parquet`` and its resumed starts.

@@ -3,7 +3,7 @@
 Each set renders image ``i`` of class ``i % num_classes`` from its own generator seeded with ``(seed, i, ...)``, so an
 image is a pure function of its index: the set does not depend on how it is split over processes, and every prefix
 is class-balanced. ``num_proc`` draws in several processes through ``datasets.Dataset.map`` (the drawn-digit preset
-renders ~250 images a second in one process on the 2-core CPU: 60,000 take ~2 minutes in two).
+renders 250-550 images a second in one process on the 2-core CPUs measured: 60,000 take 1-2 minutes in two).
 """
 
 from __future__ import annotations
