@@ -420,6 +420,12 @@ def model_config(args) -> LDMConfig:
     return dataclasses.replace(base, **unet, unet_norm_num_groups=args.unet_norm_num_groups)
 
 
+def describe_timings(timings: dict) -> str:
+    """The card's words for ``timings``: each stage's seconds (over every run that trained it), then this run's."""
+    names = {"vae_seconds": "autoencoder", "diffusion_seconds": "diffusion", "this_run_seconds": "this run"}
+    return ", ".join(f"{names[key]} {seconds:,.0f} s" for key, seconds in timings.items() if key in names)
+
+
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -535,7 +541,7 @@ def main(args) -> None:
         training = (
             f"Command: `{command}`\n\nStage (a) autoencoder: {vae_training}; stage (b) diffusion: "
             f"{args.unet_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate}, "
-            f"EMA {args.ema_decay}, label dropout {args.cond_drop_prob}. Wall-clock: {timings} "
+            f"EMA {args.ema_decay}, label dropout {args.cond_drop_prob}. Wall-clock: {describe_timings(timings)} "
             f"on {accelerator.device} ({accelerator.num_processes} process(es))."
         )
         public_model_card(

@@ -46,6 +46,10 @@ def test_short_pretraining_lowers_the_loss_and_writes_a_pipeline(tmp_path):
     assert "drawn digits" in info["public_data"]  # the default data: the shipped digit model's
     card = (out / "README.md").read_text()
     assert "drawn digits" in card and "public" in card.lower() and (out / "samples.png").is_file()
+    # The card gives each stage's wall-clock in words, in the seconds pretraining.json records.
+    seconds = info["timings"]
+    assert "Wall-clock: autoencoder " in card and "{" not in card.split("Wall-clock:")[1].split("\n")[0]
+    assert f"diffusion {seconds['diffusion_seconds']:,.0f} s" in card
     # The recommendation travels with the model: train_dp_ldm.py's defaults from it, and the card says them.
     assert info["fine_tune_defaults"] == {"trainable_scope": "full", "learning_rate": 2e-3}
     assert fine_tune_defaults(str(out)) == FineTuneDefaults(trainable_scope="full", learning_rate=2e-3)
