@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model_config",
         default="default",
         choices=list(MODEL_CONFIGS),
-        help="Without --model, the randomly initialised model: default (LDMConfig(), the shipped model's layout), "
+        help="Without --model, the randomly initialised model: default (LDMConfig(), the [32, 64] layout), "
         "tiny (smoke tests), paper_cifar10 (the paper's CIFAR-10 denoiser: 90M parameters, 16 attention blocks).",
     )
     p.add_argument("--tiny", action="store_true", help="Same as --model_config tiny.")

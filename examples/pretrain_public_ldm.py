@@ -130,7 +130,7 @@ def parse_args(argv=None):
         "--pretrained_vae_model_name_or_path",
         default=None,
         help="Reuse this AutoencoderKL (a folder or Hub id of the VAE itself, e.g. "
-        "dp_diffusers/assets/public-drawn-digits-long/vae) and skip stage (a).",
+        "dp_diffusers/assets/public-drawn-digits-wide/vae) and skip stage (a).",
     )
     p.add_argument(
         "--resume",
@@ -387,7 +387,7 @@ def load_pretrained_vae(name_or_path: str, cfg: LDMConfig, args) -> AutoencoderK
     except (OSError, ValueError) as e:
         raise UserInputError(
             f"--pretrained_vae_model_name_or_path {name_or_path!r}: no AutoencoderKL there ({first_line(e)}). Name "
-            "the VAE folder itself, e.g. dp_diffusers/assets/public-drawn-digits-long/vae."
+            "the VAE folder itself, e.g. dp_diffusers/assets/public-drawn-digits-wide/vae."
         ) from e
     if vae.config.in_channels != args.channels:
         raise UserInputError(

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 MNIST = HERE.parents[1].parent / "shared" / "datasets" / "mnist"
 PRIORS = {
     "printed digits": str(HERE / "priors" / "public-printed-digits"),  # the default digit prior until 2026-12-03
-    # the default digit prior's autoencoder too (public-drawn-digits-long reuses it bit-identical)
+    # the default digit prior's autoencoder too (public-drawn-digits-long and -wide reuse it bit-identical)
     "drawn digits": str(HERE / "priors" / "public-drawn-digits"),
     "procedural": dp_diffusers.GENERAL_PUBLIC_MODEL,
 }
