@@ -53,9 +53,9 @@ class LDMConfig:
         return self.image_size // self.downsampling
 
 
-#: The default layout of ``examples/pretrain_public_ldm.py`` (that of ``benchmarks/mnist/priors/public-drawn-digits-long``):
-#: 7 attention blocks. The shipped ``DEFAULT_PUBLIC_MODEL`` (``public-drawn-digits-wide``) widens its denoiser to
-#: ``unet_channels=(48, 96)`` with ``unet_norm_num_groups=16``.
+#: The default layout of ``examples/pretrain_public_ldm.py`` (that of
+#: ``benchmarks/mnist/priors/public-drawn-digits-long``): 7 attention blocks. The shipped ``DEFAULT_PUBLIC_MODEL``
+#: (``public-drawn-digits-wide``) widens its denoiser to ``unet_channels=(48, 96)`` with ``unet_norm_num_groups=16``.
 DEFAULT = LDMConfig()
 
 #: The denoiser of the paper's CIFAR-10 model (official config ``imagenet32-conditional`` / ``cifar32-dp-eps10``:
