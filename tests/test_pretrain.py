@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,13 +203,15 @@ def test_preprocessing_num_workers_reaches_the_generated_preset(pretrain, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def _printed_digit_classifier():
-    """An RBF-SVM on 3,000 printed digits: the judge of 'recognisable' (98-99% on held-out printed digits)."""
+def _drawn_digit_classifier():
+    """An RBF-SVM on 3,000 drawn digits (the shipped digit prior's kind of public data; seed 123, not its training
+    images): the judge of 'recognisable'. It read 96.6% of 1,000 held-out drawn digits (seed 7); an SVM on printed
+    digits reads the drawn-digit priors' samples at only 0.88-0.93, whichever prior (measured 2026-12-08)."""
     from sklearn.svm import SVC
 
-    from dp_diffusers.data import make_printed_digits
+    from dp_diffusers.data import make_drawn_digits
 
-    ds = make_printed_digits(3000, seed=123)
+    ds = make_drawn_digits(3000, seed=123)
     x = np.stack([np.asarray(im, dtype=np.float32).ravel() / 255.0 for im in ds["image"]])
     return SVC(C=10).fit(x, np.asarray(ds["label"]))
 
@@ -216,12 +219,15 @@ def _printed_digit_classifier():
 def test_shipped_checkpoint_samples_recognisable_digits():
     pipe = DPLDMPipeline.from_pretrained(dp_diffusers.DEFAULT_PUBLIC_MODEL)
     pipe.set_progress_bar_config(disable=True)
+    # Its size is bounded with the other shipped prior's (tests/test_procedural.py: 20 MB together); its layout is
+    # the one its pretraining.json says was trained.
+    info = json.loads((Path(dp_diffusers.DEFAULT_PUBLIC_MODEL) / "pretraining.json").read_text())
     params = sum(p.numel() for m in (pipe.vae, pipe.unet, pipe.embedder) for p in m.parameters())
-    assert params * 4 <= 10 * 2**20
-    judge = _printed_digit_classifier()
+    assert params == info["parameters"]["total"]
+    judge = _drawn_digit_classifier()
     labels = [c for c in range(10) for _ in range(10)]
-    # The defaults (DDIM, eta=0), and the paper's sampler (eta=1), which this small model prefers.
-    for eta, threshold in ((0.0, 0.7), (1.0, 0.9)):
+    # The defaults (DDIM, eta=0) and the paper's sampler (eta=1): 0.96-0.99 measured for either, a broken model ~0.1.
+    for eta, threshold in ((0.0, 0.9), (1.0, 0.9)):
         images = pipe(
             class_labels=labels,
             num_inference_steps=50,
