@@ -98,7 +98,7 @@ def test_the_general_prior_is_shipped_digit_free_and_small():
     assert known_base(GENERAL_PUBLIC_MODEL).data_keys == frozenset({"procedural"})  # never saw any digits
     for private in ("digits", "mnist", "fashion_mnist"):
         check_base_model(GENERAL_PUBLIC_MODEL, private)  # not refused
-    # Both shipped priors together stay within the 20 MB (10**6 bytes each) of weights.
+    # Both shipped priors together stay within the 20 MB (MB = 10**6 bytes) of weights.
     weights = [p for root in (DEFAULT_PUBLIC_MODEL, GENERAL_PUBLIC_MODEL) for p in Path(root).rglob("*.safetensors")]
     assert len(weights) == 6 and sum(p.stat().st_size for p in weights) <= 20 * 10**6
     pipe = DPLDMPipeline.from_pretrained(GENERAL_PUBLIC_MODEL)
